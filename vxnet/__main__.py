@@ -1,0 +1,5 @@
+"""`python -m vxnet` is the `vxnet` command."""
+
+from vxnet.cli import main
+
+main()

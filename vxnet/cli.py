@@ -1,0 +1,404 @@
+"""``vxnet``: the command line, shaped like Docker's (``docker`` -> ``vxnet``).
+
+A thin client: lab commands call :mod:`vxnet.lab`, everything else is an HTTP call to the
+daemon of the host named by ``-H`` (or ``VXNET_HOST``; default the lab's first host).
+Errors are printed as one line with what to do, and exit status 1; bad usage exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from vxnet import __version__, netns
+from vxnet.client import DaemonClient
+from vxnet.errors import UsageError, VxnetError
+from vxnet.lab import Lab, builder
+from vxnet.lab.topology import DEFAULT_LAB, check_lab_name, default_spec, load_spec
+
+
+class Ctx:
+    def __init__(self, host: str | None, lab: str | None) -> None:
+        self.host_arg = host
+        self.lab_arg = lab
+
+    def lab_name(self) -> str:
+        if self.lab_arg:
+            return check_lab_name(self.lab_arg)
+        labs = builder.list_labs()
+        if len(labs) == 1:
+            return labs[0]
+        return DEFAULT_LAB
+
+    def lab(self) -> Lab:
+        return Lab.attach(self.lab_name())
+
+    def host(self, lab: Lab) -> str:
+        return self.host_arg or lab.hosts[0]
+
+    def client(self) -> DaemonClient:
+        if self.host_arg and "/" in self.host_arg:  # a daemon socket path, outside any lab
+            return DaemonClient(self.host_arg)
+        lab = self.lab()
+        return lab.client(self.host(lab))
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
+class VxnetGroup(click.Group):
+    """Turns vxnet's own errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VxnetError as exc:
+            fail(str(exc))
+        except PermissionError as exc:
+            fail(f"{exc}: vxnet labs need root (network namespaces, /dev/net/tun)")
+
+
+def _emit(data: Any, fmt: str, table: list[list[str]] | None = None) -> None:
+    if fmt == "json" or table is None:
+        click.echo(json.dumps(data, indent=2))
+        return
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("   ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+
+
+@click.group(cls=VxnetGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-H", "--host", envvar="VXNET_HOST", help="Host whose daemon to address (h1, h2, ...).")
+@click.option("--lab", envvar="VXNET_LAB", help="Lab to use (default: the only one up, or 'vxnet').")
+@click.version_option(__version__, prog_name="vxnet")
+@click.pass_context
+def cli(ctx: click.Context, host: str | None, lab: str | None) -> None:
+    """vxnet: Docker swarm's overlay network, in userspace Python, in network namespaces."""
+    ctx.obj = Ctx(host, lab)
+
+
+# ----------------------------------------------------------------------------------- lab
+
+
+@cli.group(cls=VxnetGroup)
+def lab() -> None:
+    """Build, inspect and tear down labs of hosts on this machine."""
+
+
+@lab.command("up")
+@click.option("--name", help="Lab name (letters/digits, default 'vxnet').")
+@click.option("--hosts", type=click.IntRange(1, 64), help="Number of hosts (default 3).")
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
+def lab_up(name: str | None, hosts: int | None, file: str | None) -> None:
+    """Build a lab: fabric, hosts h1..hN and one vxnet daemon per host."""
+    spec = load_spec(Path(file), name, hosts) if file else default_spec(name or DEFAULT_LAB, hosts or 3)
+    t0 = time.monotonic()
+    lab_obj = Lab(spec=spec)
+    click.echo(f"lab {lab_obj.name} is up in {time.monotonic() - t0:.1f}s: "
+               f"{len(lab_obj.hosts)} hosts ({', '.join(lab_obj.hosts)})")  # fmt: skip
+    for net in lab_obj.state["networks"]:
+        click.echo(f"  network {net['name']}: {net['subnet']} VNI {net['vni']} MTU {net['mtu']}")
+
+
+@lab.command("down")
+@click.option("--name", help="Lab name.")
+@pass_ctx
+def lab_down(ctx: Ctx, name: str | None) -> None:
+    """Stop the daemons and remove every namespace, link and file of a lab (idempotent)."""
+    lab_name = check_lab_name(name) if name else ctx.lab_name()
+    removed = builder.down(lab_name)
+    click.echo(f"lab {lab_name} is down ({len(removed)} namespaces removed)")
+
+
+@lab.command("ls")
+def lab_ls() -> None:
+    """List the labs on this machine."""
+    rows = [["NAME", "HOSTS", "DAEMONS UP"]]
+    for name in builder.list_labs():
+        try:
+            st = builder.inspect(name)
+            hosts = st["hosts"]
+            rows.append([name, str(len(hosts)),
+                         str(sum(1 for h in hosts.values() if h["daemon_running"]))])  # fmt: skip
+        except VxnetError:
+            rows.append([name, "?", "state missing: `vxnet lab down --name " + name + "`"])
+    _emit(None, "table", rows)
+
+
+@lab.command("inspect")
+@click.option("--name", help="Lab name.")
+@FORMAT
+@pass_ctx
+def lab_inspect(ctx: Ctx, name: str | None, fmt: str) -> None:
+    """Show a lab's fabric and, per host, namespace, underlay interface, address, daemon pid."""
+    st = builder.inspect(check_lab_name(name) if name else ctx.lab_name())
+    rows = [["HOST", "NETNS", "UNDERLAY", "ADDRESS", "DAEMON PID", "RUNNING"]]
+    for hname, h in st["hosts"].items():
+        rows.append([hname, h["netns"], h["underlay_if"], h["address"], str(h["pid"]),
+                     "yes" if h["daemon_running"] else "NO"])  # fmt: skip
+    if fmt == "table":
+        click.echo(f"lab {st['name']}: fabric namespace {st['fabric']['netns']}, "
+                   f"bridge {st['fabric']['bridge']}, underlay {st['underlay']['subnet']}")  # fmt: skip
+    _emit(st, fmt, rows)
+
+
+@lab.command("restart")
+@click.option("--name", help="Lab name.")
+@click.argument("host")
+@pass_ctx
+def lab_restart(ctx: Ctx, name: str | None, host: str) -> None:
+    """Start HOST's daemon again (after a crash, or to test one)."""
+    lab_obj = Lab.attach(check_lab_name(name) if name else ctx.lab_name())
+    result = lab_obj.restart(host)
+    click.echo(f"{host}: daemon restarted (pid {result['pid']})")
+    if result["lost_containers"]:
+        click.echo(f"  containers lost with the old daemon's TAPs: {', '.join(result['lost_containers'])}")
+
+
+@lab.command("demo")
+@click.option("--keep", is_flag=True, help="Leave the lab up afterwards to explore.")
+@click.option("--step", is_flag=True, help="Pause between steps.")
+def lab_demo(keep: bool, step: bool) -> None:
+    """The guided tour: a 3-host lab, an overlay, containers, ping, VXLAN on the wire."""
+    from vxnet.demo import run_demo
+
+    sys.exit(run_demo(keep=keep, step=step))
+
+
+# ----------------------------------------------------------------------------- daemon
+
+
+@cli.command(hidden=True)
+@click.option("--host", "host_name", required=True)
+@click.option("--socket", "socket_path", required=True, type=click.Path())
+@click.option("--state-dir", required=True, type=click.Path())
+@click.option("--underlay-addr", required=True)
+@click.option("--data-port", type=click.IntRange(1, 65535), default=4789)
+@click.option("--netns", "ns", help="Network namespace to run in.")
+@click.option("--container-prefix", default="vxc-")
+def daemon(host_name: str, socket_path: str, state_dir: str, underlay_addr: str, data_port: int,
+           ns: str | None, container_prefix: str) -> None:  # fmt: skip
+    """Run a host's daemon (the lab starts these)."""
+    from vxnet.daemon.service import DaemonConfig, run_daemon
+
+    run_daemon(DaemonConfig(host_name, Path(socket_path), Path(state_dir), underlay_addr,
+                            data_port, ns, container_prefix))  # fmt: skip
+
+
+# -------------------------------------------------------------------------- containers
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.option("-d", "--detach", is_flag=True, help="Run in the background and print the name.")
+@click.option("--name", required=True, help="Container name.")
+@click.option("--network", required=True, help="Network to attach eth0 to.")
+@click.option("--ip", help="IPv4 address (default: the lowest free one).")
+@click.argument("image")
+@click.argument("cmd", nargs=-1)
+@pass_ctx
+def run(ctx: Ctx, detach: bool, name: str, network: str, ip: str | None, image: str,
+        cmd: tuple[str, ...]) -> None:  # fmt: skip
+    """Run a container: images whoami, echo, iperf3, idle (or IMAGE CMD... to run CMD)."""
+    lab_obj = ctx.lab()
+    c = lab_obj.run(ctx.host(lab_obj), name, network, image, _strip_dashes(cmd), ip)
+    if detach:
+        click.echo(c["name"])
+        return
+    log_path = Path(lab_obj.state["hosts"][c["host"]]["state_dir"]) / "containers" / f"{name}.log"
+    client = lab_obj.client(c["host"])
+    offset = 0
+    while True:
+        info = client.get(f"/containers/{name}")
+        offset = _copy_log(log_path, offset)
+        if info["exit_code"] is not None:
+            offset = _copy_log(log_path, offset)
+            sys.exit(info["exit_code"])
+        time.sleep(0.1)
+
+
+def _strip_dashes(cmd: tuple[str, ...]) -> tuple[str, ...]:
+    return cmd[1:] if cmd[:1] == ("--",) else cmd
+
+
+def _copy_log(path: Path, offset: int) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return offset
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return offset + len(data)
+
+
+@cli.command("exec", context_settings={"allow_interspersed_args": False})
+@click.argument("container")
+@click.argument("cmd", nargs=-1, required=True)
+@pass_ctx
+def exec_(ctx: Ctx, container: str, cmd: tuple[str, ...]) -> None:
+    """Run CMD inside CONTAINER (its network namespace): vxnet exec c1 -- ping 10.0.1.3."""
+    c = ctx.lab().find(container)
+    argv = netns.exec_argv(c["netns"], _strip_dashes(cmd))
+    os.execvp(argv[0], argv)
+
+
+@cli.command()
+@click.option("-a", "--all-hosts", is_flag=True, help="Containers of every host in the lab.")
+@FORMAT
+@pass_ctx
+def ps(ctx: Ctx, all_hosts: bool, fmt: str) -> None:
+    """List containers."""
+    if all_hosts:
+        items = list(ctx.lab().containers().values())
+    else:
+        items = ctx.client().get("/containers")
+    rows = [["NAME", "HOST", "NETWORK", "IP", "MAC", "IMAGE", "STATUS"]]
+    for c in items:
+        rows.append([c["name"], c.get("host", ctx.host_arg or "-"), c["network"], c["ip"],
+                     c["mac"], c["image"], c["status"]])  # fmt: skip
+    _emit(items, fmt, rows)
+
+
+@cli.command()
+@click.option("-f", "--force", is_flag=True, help="Kill a running container first.")
+@click.argument("containers", nargs=-1, required=True)
+@pass_ctx
+def rm(ctx: Ctx, force: bool, containers: tuple[str, ...]) -> None:
+    """Remove containers (their processes and namespace)."""
+    lab_obj = ctx.lab()
+    for name in containers:
+        lab_obj.rm(name, force=force)
+        click.echo(name)
+
+
+@cli.command()
+@click.argument("containers", nargs=-1, required=True)
+@pass_ctx
+def stop(ctx: Ctx, containers: tuple[str, ...]) -> None:
+    """Stop containers (kill their processes; the namespace stays until rm)."""
+    lab_obj = ctx.lab()
+    for name in containers:
+        c = lab_obj.find(name)
+        lab_obj.client(c["host"]).post(f"/containers/{name}/stop")
+        click.echo(name)
+
+
+# ----------------------------------------------------------------------- network, fdb
+
+
+@cli.group(cls=VxnetGroup)
+def network() -> None:
+    """Networks programmed on a host."""
+
+
+@network.command("ls")
+@FORMAT
+@pass_ctx
+def network_ls(ctx: Ctx, fmt: str) -> None:
+    """List the networks of the addressed host."""
+    nets = ctx.client().get("/networks")
+    rows = [["NAME", "DRIVER", "VNI", "SUBNET", "GATEWAY", "MTU"]]
+    rows += [[n["name"], "overlay", str(n["vni"]), n["subnet"], n["gateway"], str(n["mtu"])]
+             for n in nets]  # fmt: skip
+    _emit(nets, fmt, rows)
+
+
+@cli.group(cls=VxnetGroup)
+def fdb() -> None:
+    """The forwarding database: MAC -> VTEP entries (like `bridge fdb` for kernel VXLAN)."""
+
+
+@fdb.command("add")
+@click.option("--network", required=True)
+@click.option("--mac", required=True, help="Remote endpoint MAC, aa:bb:cc:dd:ee:ff.")
+@click.option("--ip", required=True, help="Remote endpoint IP (answered by proxy ARP/ND).")
+@click.option("--vtep", required=True, help="Underlay address of the remote VTEP.")
+@pass_ctx
+def fdb_add(ctx: Ctx, network: str, mac: str, ip: str, vtep: str) -> None:
+    """Add a permanent FDB and neighbour entry (peer a VTEP that speaks no gossip)."""
+    row = ctx.client().post("/fdb", {"network": network, "mac": mac, "ip": ip, "vtep": vtep})
+    click.echo(f"{row['mac']} {row['ip']} -> {row['vtep']} on {row['network']}")
+
+
+@fdb.command("del")
+@click.option("--network", required=True)
+@click.option("--mac", required=True)
+@pass_ctx
+def fdb_del(ctx: Ctx, network: str, mac: str) -> None:
+    """Remove an FDB entry."""
+    ctx.client().delete(f"/fdb/{network}/{mac}")
+
+
+@fdb.command("show")
+@FORMAT
+@pass_ctx
+def fdb_show(ctx: Ctx, fmt: str) -> None:
+    """List FDB entries of the addressed host."""
+    rows_ = ctx.client().get("/fdb")
+    rows = [["NETWORK", "VNI", "MAC", "IP", "VTEP", "ORIGIN"]]
+    rows += [[r["network"], str(r["vni"]), r["mac"], r["ip"], r["vtep"], r["origin"]] for r in rows_]
+    _emit(rows_, fmt, rows)
+
+
+@cli.group(cls=VxnetGroup)
+def dataplane() -> None:
+    """The per-host dataplane."""
+
+
+@dataplane.command("stats")
+@FORMAT
+@pass_ctx
+def dataplane_stats(ctx: Ctx, fmt: str) -> None:
+    """Counters per network (rx/tx frames and bytes, drops by reason)."""
+    st = ctx.client().get("/dataplane/stats")
+    rows = [["NETWORK", "VNI", "RX FRAMES", "RX BYTES", "TX FRAMES", "TX BYTES", "LOCAL", "ARP", "DROPS"]]
+    for name, n in st["networks"].items():
+        rows.append([name, str(n["vni"]), str(n["rx_frames"]), str(n["rx_bytes"]),
+                     str(n["tx_frames"]), str(n["tx_bytes"]), str(n["local_frames"]),
+                     str(n["arp_replies"]), _drops(n["drops"])])  # fmt: skip
+    rows.append(["(no network)", "-", "-", "-", "-", "-", "-", "-", _drops(st["global"]["drops"])])
+    _emit(st, fmt, rows)
+
+
+def _drops(drops: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "0"
+
+
+# ------------------------------------------------------------------------------ bench
+
+
+@cli.command()
+@click.option("--duration", type=click.IntRange(1, 600), default=10, help="Seconds per iperf3 run.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=3)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+def bench(duration: int, repeats: int, json_path: str | None) -> None:
+    """Kernel VXLAN vs vxnet, side by side in one run: TCP throughput and ping RTT."""
+    from bench.run import run_bench
+
+    sys.exit(run_bench(duration=duration, repeats=repeats, json_path=json_path))
+
+
+def main() -> None:
+    try:
+        cli(prog_name="vxnet")
+    except UsageError as exc:  # pragma: no cover - raised outside a command
+        fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

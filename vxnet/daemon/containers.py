@@ -1,0 +1,144 @@
+"""Containers: a network namespace whose ``eth0`` is a TAP held by the daemon, and a process.
+
+Blocking (netlink, fork/exec): the daemon calls these through ``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vxnet import netns
+from vxnet.dataplane.tables import NetworkSpec, endpoint_mac
+from vxnet.dataplane.tap import open_tap
+from vxnet.errors import LabError, UsageError
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,39}$")
+IMAGES = ("whoami", "echo", "iperf3", "idle")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid {kind} name {name!r}: use 1-40 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def image_argv(image: str, cmd: list[str]) -> list[str]:
+    """What a container runs: ``cmd`` if given, else the built-in image's entry point."""
+    if cmd:
+        return cmd
+    if image == "iperf3":
+        binary = shutil.which("iperf3")
+        if binary is None:
+            raise UsageError("image iperf3 needs the iperf3 program (apt-get install iperf3)")
+        return [binary, "-s"]
+    if image not in IMAGES:
+        raise UsageError(f"unknown image {image!r}: built-in images are {', '.join(IMAGES)}")
+    return [sys.executable, "-m", "vxnet.images", image]
+
+
+@dataclass
+class Container:
+    name: str
+    network: str
+    ip: str
+    mac: str
+    netns: str
+    image: str
+    cmd: list[str]
+    pid: int = 0
+    created: float = field(default_factory=time.time)
+    exit_code: int | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def status(self) -> str:
+        return "running" if self.exit_code is None else f"exited ({self.exit_code})"
+
+    def poll(self) -> None:
+        if self.proc is not None and self.exit_code is None:
+            code = self.proc.poll()
+            if code is not None:
+                self.exit_code = code
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "proc"}
+        out["status"] = self.status
+        return out
+
+
+def create_container(
+    ns_prefix: str, name: str, spec: NetworkSpec, ip: ipaddress.IPv4Address
+) -> tuple[str, int]:
+    """Build the namespace and its TAP ``eth0``; return (netns name, TAP fd held by us)."""
+    ns = ns_prefix + name
+    mac = endpoint_mac(ip)
+    tap = "vxt" + secrets.token_hex(4)
+    netns.create(ns)
+    fd = -1
+    try:
+        netns.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")  # an IPv4-only network, as Docker
+        fd = open_tap(tap)
+        netns.set_link(None, tap, net_ns_fd=ns)
+        netns.set_link(ns, tap, ifname="eth0")
+        netns.set_link(ns, "eth0", address=mac.hex(":"), mtu=spec.mtu)
+        netns.add_address(ns, "eth0", str(ip), spec.subnet.prefixlen)
+        netns.set_link(ns, "eth0", state="up")
+        netns.add_route(ns, "0.0.0.0/0", gateway=str(spec.gateway))
+    except Exception:
+        if fd >= 0:
+            os.close(fd)
+        netns.remove(ns)
+        raise
+    return ns, fd
+
+
+def start_process(ns: str, name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, VXNET_CONTAINER=name, HOSTNAME=name)
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(log_path, "ab") as log:
+        try:
+            return subprocess.Popen(
+                netns.exec_argv(ns, argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise LabError(f"cannot start {argv[0]!r} in container {name}: {exc}") from None
+
+
+def destroy_container(container: Container) -> None:
+    """Kill every process in the container's namespace and delete the namespace."""
+    netns.remove(container.netns)
+    if container.proc is not None:
+        try:
+            container.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            container.proc.kill()
+        container.poll()
+
+
+def stop_container(container: Container) -> None:
+    netns.kill_pids(netns.pids_in(container.netns))
+    if container.proc is not None:
+        try:
+            container.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            container.proc.kill()
+            container.proc.wait()
+    container.poll()

@@ -1,0 +1,337 @@
+"""The per-host vxnet daemon: local networks, containers, the FDB, and the dataplane thread.
+
+Layers: this trio service owns the control side and the HTTP API; the frames move in
+:class:`vxnet.dataplane.engine.Dataplane`'s own thread, reached only through ``submit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vxnet import __version__, netns
+from vxnet.daemon import containers as ctr
+from vxnet.daemon.http import Request, Router, serve_http
+from vxnet.dataplane.engine import Dataplane
+from vxnet.dataplane.tables import (
+    AddNetwork,
+    AddPeer,
+    AddPort,
+    NetworkSpec,
+    RemoveNetwork,
+    RemovePeer,
+    RemovePort,
+    TableUpdate,
+    endpoint_mac,
+)
+from vxnet.errors import Conflict, NotFound, UsageError
+from vxnet.wire.ethernet import mac_from_str
+from vxnet.wire.vxlan import VNI_MAX
+
+log = logging.getLogger("vxnet.daemon")
+MIN_MTU = 68
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    host: str
+    socket_path: Path
+    state_dir: Path
+    underlay_addr: str
+    data_port: int = 4789
+    netns: str | None = None  # the host namespace the daemon lives in
+    ns_prefix: str = "vxc-"  # container namespaces are named prefix + container name
+
+
+def _field(body: Any, key: str, kind: type, required: bool = True) -> Any:
+    if not isinstance(body, dict):
+        raise UsageError("request body must be a JSON object")
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise UsageError(f"missing field {key!r}")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UsageError(f"field {key!r} must be {kind.__name__}")
+    return value
+
+
+def parse_network(body: Any) -> NetworkSpec:
+    name = ctr.check_name("network", _field(body, "name", str))
+    vni = _field(body, "vni", int)
+    if not 1 <= vni <= VNI_MAX:
+        raise UsageError(f"VNI {vni} out of range 1-{VNI_MAX}")
+    try:
+        subnet = ipaddress.IPv4Network(_field(body, "subnet", str))
+        gw_text = _field(body, "gateway", str, required=False)
+        gateway = ipaddress.IPv4Address(gw_text) if gw_text else next(subnet.hosts())
+    except (ValueError, StopIteration) as exc:
+        raise UsageError(f"bad subnet or gateway: {exc}") from None
+    if gateway not in subnet or subnet.prefixlen > 30:
+        raise UsageError(f"gateway {gateway} must be a host address of subnet {subnet} (/30 or larger)")
+    mtu = _field(body, "mtu", int, required=False) or NetworkSpec.__dataclass_fields__["mtu"].default
+    if not MIN_MTU <= mtu <= 65535 - 50:
+        raise UsageError(f"MTU {mtu} out of range {MIN_MTU}-{65535 - 50}")
+    return NetworkSpec(name=name, vni=vni, subnet=subnet, gateway=gateway, mtu=mtu)
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, dataplane: Dataplane) -> None:
+        self.config = config
+        self.dataplane = dataplane
+        self.networks: dict[str, NetworkSpec] = {}
+        self.containers: dict[str, ctr.Container] = {}
+        self._lock = trio.Lock()  # serialises changes to networks and containers
+        self.router = Router()
+        self._routes()
+
+    async def _program(self, update: TableUpdate) -> None:
+        seq = self.dataplane.submit(update)
+        await trio.to_thread.run_sync(self.dataplane.wait_applied, seq)
+
+    def _network(self, name: str) -> NetworkSpec:
+        spec = self.networks.get(name)
+        if spec is None:
+            raise NotFound(f"network {name} not found")
+        return spec
+
+    def _container(self, name: str) -> ctr.Container:
+        c = self.containers.get(name)
+        if c is None:
+            raise NotFound(f"no such container: {name}")
+        return c
+
+    # ---------------------------------------------------------------------------- routes
+
+    def _routes(self) -> None:
+        r = self.router
+        r.route("GET", "/info")(self.info)
+        r.route("GET", "/networks")(self.list_networks)
+        r.route("POST", "/networks")(self.create_network)
+        r.route("DELETE", "/networks/{name}")(self.remove_network)
+        r.route("GET", "/containers")(self.list_containers)
+        r.route("POST", "/containers")(self.create_container)
+        r.route("GET", "/containers/{name}")(self.inspect_container)
+        r.route("POST", "/containers/{name}/stop")(self.stop_container)
+        r.route("DELETE", "/containers/{name}")(self.remove_container)
+        r.route("GET", "/fdb")(self.list_fdb)
+        r.route("POST", "/fdb")(self.add_fdb)
+        r.route("DELETE", "/fdb/{network}/{mac}")(self.remove_fdb)
+        r.route("GET", "/dataplane/stats")(self.stats)
+
+    async def info(self, req: Request) -> Any:
+        c = self.config
+        return {
+            "host": c.host, "version": __version__, "pid": os.getpid(), "netns": c.netns,
+            "underlay_addr": c.underlay_addr, "data_port": c.data_port,
+            "networks": len(self.networks), "containers": len(self.containers),
+        }  # fmt: skip
+
+    async def list_networks(self, req: Request) -> Any:
+        return [_network_json(s) for s in self.networks.values()]
+
+    async def create_network(self, req: Request) -> Any:
+        spec = parse_network(req.body)
+        async with self._lock:
+            if spec.name in self.networks:
+                raise Conflict(f"network with name {spec.name} already exists")
+            for other in self.networks.values():
+                if other.vni == spec.vni:
+                    raise Conflict(f"VNI {spec.vni} is already used by network {other.name}")
+                if other.subnet.overlaps(spec.subnet):
+                    raise Conflict(
+                        f"subnet {spec.subnet} overlaps network {other.name} ({other.subnet})"
+                    )
+            await self._program(AddNetwork(spec))
+            self.networks[spec.name] = spec
+        log.info("network %s vni %d subnet %s mtu %d", spec.name, spec.vni, spec.subnet, spec.mtu)
+        return _network_json(spec)
+
+    async def remove_network(self, req: Request) -> Any:
+        async with self._lock:
+            spec = self._network(req.params["name"])
+            users = [c.name for c in self.containers.values() if c.network == spec.name]
+            if users:
+                raise Conflict(
+                    f"network {spec.name} has active endpoints ({', '.join(users)}): remove them first"
+                )
+            await self._program(RemoveNetwork(spec.vni))
+            del self.networks[spec.name]
+        return {"removed": spec.name}
+
+    async def list_containers(self, req: Request) -> Any:
+        for c in self.containers.values():
+            c.poll()
+        return [c.to_json() for c in self.containers.values()]
+
+    async def inspect_container(self, req: Request) -> Any:
+        c = self._container(req.params["name"])
+        c.poll()
+        return c.to_json()
+
+    async def create_container(self, req: Request) -> Any:
+        body = req.body
+        name = ctr.check_name("container", _field(body, "name", str))
+        image = _field(body, "image", str)
+        cmd = _field(body, "cmd", list, required=False) or []
+        if not all(isinstance(a, str) for a in cmd):
+            raise UsageError("field 'cmd' must be a list of strings")
+        argv = ctr.image_argv(image, cmd)
+        async with self._lock:
+            if name in self.containers:
+                raise Conflict(f'the container name "{name}" is already in use')
+            spec = self._network(_field(body, "network", str))
+            ip = self._pick_ip(spec, _field(body, "ip", str, required=False))
+            ns, fd = await trio.to_thread.run_sync(
+                ctr.create_container, self.config.ns_prefix, name, spec, ip
+            )
+            mac = endpoint_mac(ip)
+            await self._program(AddPort(spec.vni, name, fd, mac, ip))
+            container = ctr.Container(name, spec.name, str(ip), mac.hex(":"), ns, image, cmd)
+            log_path = self.config.state_dir / "containers" / f"{name}.log"
+            try:
+                container.proc = await trio.to_thread.run_sync(
+                    ctr.start_process, ns, name, argv, log_path
+                )
+            except Exception:
+                await self._program(RemovePort(name))
+                await trio.to_thread.run_sync(netns.remove, ns)
+                raise
+            container.pid = container.proc.pid
+            self.containers[name] = container
+        log.info("container %s on %s ip %s image %s", name, spec.name, ip, image)
+        return container.to_json()
+
+    def _pick_ip(self, spec: NetworkSpec, wanted: str | None) -> ipaddress.IPv4Address:
+        used = {ipaddress.IPv4Address(c.ip) for c in self.containers.values() if c.network == spec.name}
+        used.add(spec.gateway)
+        used |= {ipaddress.IPv4Address(row["ip"]) for row in self.dataplane.fdb()
+                 if row["network"] == spec.name and ":" not in row["ip"]}  # fmt: skip
+        if wanted is not None:
+            try:
+                ip = ipaddress.IPv4Address(wanted)
+            except ValueError:
+                raise UsageError(f"invalid IP address {wanted!r}") from None
+            if ip not in spec.subnet or ip in (spec.subnet.network_address, spec.subnet.broadcast_address):
+                raise UsageError(f"address {ip} is not a host address of {spec.name} ({spec.subnet})")
+            if ip in used:
+                raise Conflict(f"address {ip} is already in use on network {spec.name}")
+            return ip
+        for ip in spec.subnet.hosts():
+            if ip not in used:
+                return ip
+        raise Conflict(f"no free address left in {spec.name} ({spec.subnet})")
+
+    async def stop_container(self, req: Request) -> Any:
+        c = self._container(req.params["name"])
+        await trio.to_thread.run_sync(ctr.stop_container, c)
+        return c.to_json()
+
+    async def remove_container(self, req: Request) -> Any:
+        force = req.query.get("force") in ("1", "true")
+        async with self._lock:
+            c = self._container(req.params["name"])
+            c.poll()
+            if c.exit_code is None and not force:
+                raise Conflict(
+                    f"cannot remove container {c.name}: it is running; stop it or use `rm -f`"
+                )
+            await self._program(RemovePort(c.name))
+            await trio.to_thread.run_sync(ctr.destroy_container, c)
+            del self.containers[c.name]
+        return {"removed": c.name}
+
+    async def list_fdb(self, req: Request) -> Any:
+        return self.dataplane.fdb()
+
+    async def add_fdb(self, req: Request) -> Any:
+        body = req.body
+        spec = self._network(_field(body, "network", str))
+        mac = mac_from_str(_field(body, "mac", str))
+        try:
+            ip = ipaddress.ip_address(_field(body, "ip", str))
+            vtep = ipaddress.IPv4Address(_field(body, "vtep", str))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        origin = _field(body, "origin", str, required=False) or "manual"
+        if origin not in ("lab", "manual"):
+            raise UsageError("origin must be 'lab' or 'manual'")
+        if isinstance(ip, ipaddress.IPv4Address) and ip not in spec.subnet:
+            raise UsageError(f"{ip} is not in network {spec.name} ({spec.subnet})")
+        if mac[0] & 1:
+            raise UsageError("an FDB entry needs a unicast MAC address")
+        await self._program(AddPeer(spec.vni, mac, ip, vtep, origin))  # type: ignore[arg-type]
+        return {"network": spec.name, "mac": mac.hex(":"), "ip": str(ip), "vtep": str(vtep)}
+
+    async def remove_fdb(self, req: Request) -> Any:
+        spec = self._network(req.params["network"])
+        mac = mac_from_str(req.params["mac"])
+        await self._program(RemovePeer(spec.vni, mac))
+        return {"removed": mac.hex(":")}
+
+    async def stats(self, req: Request) -> Any:
+        out = self.dataplane.stats()
+        out["host"] = self.config.host
+        out["update_errors"] = self.dataplane.update_errors
+        return out
+
+    async def reap(self) -> None:
+        """Notice containers whose main process exited (and reap the zombies)."""
+        while True:
+            await trio.sleep(1)
+            for c in list(self.containers.values()):
+                c.poll()
+
+
+def _network_json(spec: NetworkSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name, "vni": spec.vni, "subnet": str(spec.subnet),
+        "gateway": str(spec.gateway), "mtu": spec.mtu,
+    }  # fmt: skip
+
+
+async def _serve(daemon: Daemon, config: DaemonConfig) -> None:
+    path = config.socket_path
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    listener = trio.SocketListener(sock)
+    log.info("daemon %s listening on %s, VXLAN on %s:%d", config.host, path,
+             config.underlay_addr, config.data_port)  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_http, daemon.router, listener)
+        nursery.start_soon(daemon.reap)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: shutting down", signum)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run_daemon(config: DaemonConfig) -> None:
+    """Enter the host namespace, start the dataplane thread, then serve the API on trio."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if config.netns:
+        netns.enter(config.netns)  # before any thread exists: every later thread inherits it
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dataplane = Dataplane(config.underlay_addr, config.data_port)
+    dataplane.start()
+    daemon = Daemon(config, dataplane)
+    try:
+        trio.run(_serve, daemon, config)
+    finally:
+        dataplane.close()
+        with contextlib.suppress(FileNotFoundError):
+            config.socket_path.unlink()

@@ -1,0 +1,169 @@
+"""The dataplane's I/O loop: one thread, one epoll, the TAPs and the underlay UDP socket.
+
+The control plane runs on trio in the daemon's main thread and must never sit on the per-frame
+path.  It talks to this thread through exactly one call, :meth:`Dataplane.submit`, which queues
+a :mod:`~vxnet.dataplane.tables` record and wakes the loop through an eventfd; the loop applies
+queued updates between batches of frames, so the switch's tables are only ever mutated by the
+thread that reads them.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import select
+import socket
+import threading
+from typing import Any
+
+from vxnet.dataplane.switch import Switch
+from vxnet.errors import VxnetError
+from vxnet.dataplane.tables import AddPort, TableUpdate
+
+BATCH = 256  # frames drained per readiness event before looking at other fds
+RECV_BUF = 65536 + 64
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+class Dataplane:
+    """Owns the underlay socket, the TAP fds handed to it, and the thread that moves frames.
+
+    Ownership: an fd passed in :class:`~vxnet.dataplane.tables.AddPort` belongs to the dataplane
+    from then on; it is closed on ``RemovePort``, ``RemoveNetwork`` or :meth:`close`.
+    """
+
+    def __init__(self, underlay_addr: str, data_port: int = 4789) -> None:
+        self.underlay_addr = underlay_addr
+        self.data_port = data_port
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            self._sock.bind((underlay_addr, data_port))
+        except OSError:
+            self._sock.close()
+            raise
+        self._sock.setblocking(False)
+        self.switch = Switch(os.write, self._send, data_port)
+        self._pending: collections.deque[TableUpdate] = collections.deque()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(self._sock.fileno(), select.EPOLLIN)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._applied = threading.Condition()
+        self._generation = 0  # number of updates applied, for wait_applied()
+        self._submitted = 0
+        self._watched: set[int] = set()
+        self.update_errors = 0  # updates the switch refused (the daemon validates first)
+
+    def _send(self, parts: Any, addr: tuple[str, int]) -> int:
+        return self._sock.sendmsg(parts, (), 0, addr)
+
+    # --------------------------------------------------------------------- control side
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="vxnet-dataplane", daemon=True)
+        self._thread.start()
+
+    def submit(self, update: TableUpdate) -> int:
+        """Queue one table update (thread-safe, never blocks).  Returns its sequence number."""
+        with self._applied:
+            self._submitted += 1
+            seq = self._submitted
+            self._pending.append(update)
+        os.eventfd_write(self._wake, 1)
+        return seq
+
+    def wait_applied(self, seq: int, timeout: float = 5.0) -> bool:
+        """Block until update ``seq`` has been applied by the dataplane thread."""
+        with self._applied:
+            return self._applied.wait_for(lambda: self._generation >= seq, timeout)
+
+    def close(self) -> None:
+        self._running = False
+        os.eventfd_write(self._wake, 1)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for port in list(self.switch.ports.values()):
+            _close_quietly(port.fd)
+        self._epoll.close()
+        self._sock.close()
+        os.close(self._wake)
+
+    # ---------------------------------------------------------------------- the loop
+
+    def _run(self) -> None:
+        sock_fd = self._sock.fileno()
+        buf = bytearray(RECV_BUF)
+        view = memoryview(buf)
+        recvfrom_into = self._sock.recvfrom_into
+        switch = self.switch
+        ports_by_fd = switch.ports_by_fd
+        read = os.read
+        while self._running:
+            for fd, _events in self._epoll.poll(1.0):
+                if fd == sock_fd:
+                    for _ in range(BATCH):
+                        try:
+                            n, src = recvfrom_into(buf)
+                        except BlockingIOError:
+                            break
+                        switch.from_underlay(view[:n], src)
+                elif fd == self._wake:
+                    self._apply_pending()
+                else:
+                    port = ports_by_fd.get(fd)
+                    if port is None:
+                        continue
+                    for _ in range(BATCH):
+                        try:
+                            frame = read(fd, RECV_BUF)
+                        except BlockingIOError:
+                            break
+                        except OSError:  # the TAP went away under us; RemovePort will follow
+                            break
+                        switch.from_tap(port, frame)
+
+    def _apply_pending(self) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        while True:
+            with self._applied:
+                if not self._pending:
+                    self._applied.notify_all()
+                    return
+                update = self._pending.popleft()
+            try:
+                released = self.switch.apply(update)
+            except VxnetError:
+                self.update_errors += 1
+                released = [update.fd] if isinstance(update, AddPort) else []
+            else:
+                if isinstance(update, AddPort):
+                    self._epoll.register(update.fd, select.EPOLLIN)
+                    self._watched.add(update.fd)
+            for fd in released:
+                if fd in self._watched:
+                    self._watched.discard(fd)
+                    self._epoll.unregister(fd)
+                _close_quietly(fd)
+            with self._applied:
+                self._generation += 1
+
+    def stats(self) -> dict[str, Any]:
+        return self.switch.stats()
+
+    def fdb(self) -> list[dict[str, Any]]:
+        return self.switch.fdb()
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

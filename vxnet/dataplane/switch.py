@@ -1,0 +1,357 @@
+"""The per-frame hot path: one L2 switch per VNI between local TAPs and remote VTEPs.
+
+This module is the dataplane's own room.  Per-frame code here is flat and allocation-light:
+byte slices, one dictionary lookup per decision, no dataclasses, no logging.  Its state changes
+only through :meth:`Switch.apply`, fed with the records of :mod:`vxnet.dataplane.tables`.
+
+Docker's model, which this follows: the FDB (MAC -> VTEP) and the neighbour table (IP -> MAC)
+are *programmed* by the control plane, never learned from the wire; ARP and IPv6 neighbour
+solicitations from containers are answered here from the neighbour table (proxy ARP); nothing
+is ever flooded, and a frame to an unknown destination is dropped and counted.
+
+I/O is injected (``write_fd``, ``send_udp``) so the same code runs against the kernel in the
+engine and against plain lists in unit tests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from vxnet.dataplane.tables import (
+    AddNetwork,
+    AddPeer,
+    AddPort,
+    NetworkSpec,
+    RemoveNetwork,
+    RemovePeer,
+    RemovePort,
+    TableUpdate,
+)
+from vxnet.errors import UsageError
+from vxnet.wire.checksum import internet_checksum
+
+ETH_HLEN = 14
+VXLAN_HLEN = 8
+_ARP_ETH_IPV4_REQUEST = b"\x00\x01\x08\x00\x06\x04\x00\x01"
+_ARP_ETH_IPV4_REPLY = b"\x00\x01\x08\x00\x06\x04\x00\x02"
+_ETYPE_ARP = b"\x08\x06"
+_ETYPE_IPV6 = b"\x86\xdd"
+_ICMPV6_NA_FLAGS = b"\x60\x00\x00\x00"  # Solicited | Override
+_IPV6_UNSPECIFIED = bytes(16)
+
+WriteFd = Callable[[int, bytes | memoryview], int]
+SendUdp = Callable[[Sequence[bytes | memoryview], tuple[str, int]], int]
+
+
+def vxlan_header(vni: int) -> bytes:
+    """RFC 7348 header: I flag, reserved bits zero, 24-bit VNI."""
+    return struct.pack("!II", 0x08000000, vni << 8)
+
+
+class Counters:
+    """Per-network counters.  Plain attributes: incrementing them is the cheapest thing Python does."""
+
+    __slots__ = (
+        "arp_replies",
+        "drops",
+        "local_bytes",
+        "local_frames",
+        "nd_replies",
+        "rx_bytes",
+        "rx_frames",
+        "tx_bytes",
+        "tx_frames",
+    )
+
+    def __init__(self) -> None:
+        self.rx_frames = self.rx_bytes = 0  # decapsulated from the underlay
+        self.tx_frames = self.tx_bytes = 0  # encapsulated onto the underlay
+        self.local_frames = self.local_bytes = 0  # switched between two local TAPs
+        self.arp_replies = self.nd_replies = 0
+        self.drops: dict[str, int] = {}
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__}
+        out["drops"] = dict(self.drops)
+        return out
+
+
+class Port:
+    """A local endpoint: a TAP fd on one network."""
+
+    __slots__ = ("fd", "ip", "mac", "net", "port_id")
+
+    def __init__(self, port_id: str, fd: int, mac: bytes, ip: bytes, net: Net) -> None:
+        self.port_id = port_id
+        self.fd = fd
+        self.mac = mac
+        self.ip = ip
+        self.net = net
+
+
+class Net:
+    """One VNI's switch state."""
+
+    __slots__ = ("counters", "hdr", "local", "max_frame", "neigh", "remote", "spec", "vni")
+
+    def __init__(self, spec: NetworkSpec) -> None:
+        self.spec = spec
+        self.vni = spec.vni
+        self.hdr = vxlan_header(spec.vni)
+        self.max_frame = ETH_HLEN + spec.mtu
+        self.local: dict[bytes, Port] = {}  # MAC -> local port
+        self.remote: dict[bytes, tuple[str, int]] = {}  # MAC -> (VTEP address, port): the FDB
+        self.neigh: dict[bytes, bytes] = {spec.gateway.packed: spec.gateway_mac}  # IP -> MAC
+        self.counters = Counters()
+
+
+def _drop(counters: Counters, reason: str) -> None:
+    counters.drops[reason] = counters.drops.get(reason, 0) + 1
+
+
+class Switch:
+    """All VNIs of one host.  ``from_tap`` and ``from_underlay`` are the hot path."""
+
+    def __init__(self, write_fd: WriteFd, send_udp: SendUdp, data_port: int = 4789) -> None:
+        self._write = write_fd
+        self._send = send_udp
+        self.data_port = data_port
+        self.nets: dict[int, Net] = {}
+        self.ports: dict[str, Port] = {}
+        self.ports_by_fd: dict[int, Port] = {}
+        # MAC -> (IP, VTEP, origin) for every programmed remote peer, per VNI: what `fdb show` lists.
+        self.peers: dict[int, dict[bytes, tuple[str, str, str]]] = {}
+        self.counters = Counters()  # frames that belong to no network (bad VXLAN, unknown VNI)
+
+    # ----------------------------------------------------------------------------- hot path
+
+    def from_tap(self, port: Port, frame: bytes) -> None:
+        """A frame a container sent on its ``eth0``."""
+        net = port.net
+        n = len(frame)
+        if n < ETH_HLEN:
+            _drop(net.counters, "runt")
+            return
+        dst = frame[0:6]
+        if dst[0] & 1:  # broadcast or multicast: never flooded, answered here or dropped
+            self._from_tap_multicast(port, frame)
+            return
+        if n > net.max_frame:
+            _drop(net.counters, "too_big")
+            return
+        local = net.local.get(dst)
+        if local is not None:
+            self._deliver(local, frame)
+            return
+        vtep = net.remote.get(dst)
+        if vtep is None:
+            _drop(net.counters, "no_route_out" if dst == net.spec.gateway_mac else "unknown_dst")
+            return
+        try:
+            self._send((net.hdr, frame), vtep)
+        except BlockingIOError:
+            _drop(net.counters, "underlay_busy")
+            return
+        except OSError:
+            _drop(net.counters, "underlay_error")
+            return
+        c = net.counters
+        c.tx_frames += 1
+        c.tx_bytes += n
+
+    def from_underlay(self, data: memoryview, src: tuple[str, int]) -> None:
+        """A UDP datagram that arrived on the data port: it must be VXLAN for a known VNI."""
+        n = len(data)
+        if n < VXLAN_HLEN + ETH_HLEN:
+            _drop(self.counters, "vxlan_truncated" if n < VXLAN_HLEN else "inner_truncated")
+            return
+        if not data[0] & 0x08:
+            _drop(self.counters, "vxlan_no_i_flag")
+            return
+        vni = (data[4] << 16) | (data[5] << 8) | data[6]
+        net = self.nets.get(vni)
+        if net is None:
+            _drop(self.counters, "unknown_vni")
+            return
+        if n - VXLAN_HLEN > net.max_frame:
+            _drop(net.counters, "too_big")
+            return
+        port = net.local.get(bytes(data[8:14]))
+        if port is None:
+            _drop(net.counters, "not_local")
+            return
+        c = net.counters
+        c.rx_frames += 1
+        c.rx_bytes += n - VXLAN_HLEN
+        self._write_port(port, data[VXLAN_HLEN:])
+
+    def _deliver(self, port: Port, frame: bytes) -> None:
+        c = port.net.counters
+        c.local_frames += 1
+        c.local_bytes += len(frame)
+        self._write_port(port, frame)
+
+    def _write_port(self, port: Port, frame: bytes | memoryview) -> None:
+        try:
+            self._write(port.fd, frame)
+        except BlockingIOError:
+            _drop(port.net.counters, "tap_full")
+        except OSError:  # EIO: the container's interface is down
+            _drop(port.net.counters, "port_down")
+
+    # ------------------------------------------------------ proxy ARP and neighbour discovery
+
+    def _from_tap_multicast(self, port: Port, frame: bytes) -> None:
+        etype = frame[12:14]
+        if etype == _ETYPE_ARP:
+            self._answer_arp(port, frame)
+        elif etype == _ETYPE_IPV6 and len(frame) >= 86 and frame[20] == 58 and frame[54] == 135:
+            self._answer_nd(port, frame)
+        else:
+            _drop(port.net.counters, "flood_suppressed")
+
+    def _answer_arp(self, port: Port, frame: bytes) -> None:
+        net = port.net
+        if len(frame) < 42 or frame[14:22] != _ARP_ETH_IPV4_REQUEST:
+            _drop(net.counters, "arp_not_request")
+            return
+        sender_mac, sender_ip, target_ip = frame[22:28], frame[28:32], frame[38:42]
+        target_mac = net.neigh.get(target_ip)
+        if target_ip == sender_ip:
+            _drop(net.counters, "arp_gratuitous")
+            return
+        if target_mac is None:
+            _drop(net.counters, "arp_unknown_target")
+            return
+        reply = (
+            sender_mac + target_mac + _ETYPE_ARP + _ARP_ETH_IPV4_REPLY
+            + target_mac + target_ip + sender_mac + sender_ip
+        )  # fmt: skip
+        net.counters.arp_replies += 1
+        self._write_port(port, reply)
+
+    def _answer_nd(self, port: Port, frame: bytes) -> None:
+        net = port.net
+        src_ip, target = frame[22:38], frame[62:78]
+        target_mac = net.neigh.get(target)
+        if src_ip == _IPV6_UNSPECIFIED:
+            _drop(net.counters, "nd_dad")
+            return
+        if target_mac is None:
+            _drop(net.counters, "nd_unknown_target")
+            return
+        icmp = bytearray(b"\x88\x00\x00\x00" + _ICMPV6_NA_FLAGS + target + b"\x02\x01" + target_mac)
+        pseudo = target + src_ip + struct.pack("!I3xB", len(icmp), 58)
+        struct.pack_into("!H", icmp, 2, internet_checksum(pseudo + icmp))
+        ip6 = b"\x60\x00\x00\x00" + struct.pack("!HBB", len(icmp), 58, 255) + target + src_ip
+        net.counters.nd_replies += 1
+        self._write_port(port, frame[6:12] + target_mac + _ETYPE_IPV6 + ip6 + bytes(icmp))
+
+    # ------------------------------------------------------------------ the table interface
+
+    def apply(self, update: TableUpdate) -> list[int]:
+        """Apply one control-plane update; return the TAP fds it released (stop watching them).
+
+        Raises :class:`UsageError` for an update that names a VNI this switch does not have.
+        """
+        if isinstance(update, AddNetwork):
+            self._add_network(update.spec)
+        elif isinstance(update, RemoveNetwork):
+            return self._remove_network(update.vni)
+        elif isinstance(update, AddPort):
+            self._add_port(update)
+        elif isinstance(update, RemovePort):
+            fd = self._remove_port(update.port_id)
+            return [] if fd is None else [fd]
+        elif isinstance(update, AddPeer):
+            self._add_peer(update)
+        elif isinstance(update, RemovePeer):
+            self._remove_peer(update.vni, update.mac)
+        return []
+
+    def _net(self, vni: int) -> Net:
+        net = self.nets.get(vni)
+        if net is None:
+            raise UsageError(f"no network with VNI {vni} on this host")
+        return net
+
+    def _add_network(self, spec: NetworkSpec) -> None:
+        old = self.nets.get(spec.vni)
+        net = Net(spec)
+        if old is not None:  # re-programming keeps endpoints, peers and counters
+            net.local, net.remote, net.counters = old.local, old.remote, old.counters
+            net.neigh.update(old.neigh)
+            for port in net.local.values():
+                port.net = net
+        self.nets[spec.vni] = net
+        self.peers.setdefault(spec.vni, {})
+
+    def _remove_network(self, vni: int) -> list[int]:
+        net = self.nets.pop(vni, None)
+        self.peers.pop(vni, None)
+        if net is None:
+            return []
+        released = [self._remove_port(port.port_id) for port in list(net.local.values())]
+        return [fd for fd in released if fd is not None]
+
+    def _add_port(self, update: AddPort) -> None:
+        net = self._net(update.vni)
+        port = Port(update.port_id, update.fd, update.mac, update.ip.packed, net)
+        self.ports[port.port_id] = port
+        self.ports_by_fd[port.fd] = port
+        net.local[port.mac] = port
+        net.neigh[port.ip] = port.mac
+
+    def _remove_port(self, port_id: str) -> int | None:
+        port = self.ports.pop(port_id, None)
+        if port is None:
+            return None
+        self.ports_by_fd.pop(port.fd, None)
+        net = port.net
+        if net.local.get(port.mac) is port:
+            del net.local[port.mac]
+        if net.neigh.get(port.ip) == port.mac:
+            del net.neigh[port.ip]
+        return port.fd
+
+    def _add_peer(self, update: AddPeer) -> None:
+        net = self._net(update.vni)
+        net.remote[update.mac] = (str(update.vtep), self.data_port)
+        net.neigh[update.ip.packed] = update.mac
+        self.peers[update.vni][update.mac] = (str(update.ip), str(update.vtep), update.origin)
+
+    def _remove_peer(self, vni: int, mac: bytes) -> None:
+        net = self.nets.get(vni)
+        entry = self.peers.get(vni, {}).pop(mac, None)
+        if net is None or entry is None:
+            return
+        net.remote.pop(mac, None)
+        ip = ipaddress.ip_address(entry[0]).packed
+        if net.neigh.get(ip) == mac:
+            del net.neigh[ip]
+
+    # ------------------------------------------------------------------------- read side
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "global": self.counters.as_dict(),
+            "networks": {
+                net.spec.name: {"vni": vni, **net.counters.as_dict()}
+                for vni, net in list(self.nets.items())
+            },
+        }
+
+    def fdb(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for vni, peers in list(self.peers.items()):
+            net = self.nets.get(vni)
+            name = net.spec.name if net else "?"
+            for mac, (ip, vtep, origin) in list(peers.items()):
+                rows.append(
+                    {"network": name, "vni": vni, "mac": mac.hex(":"), "ip": ip,
+                     "vtep": vtep, "origin": origin}
+                )  # fmt: skip
+        return rows

@@ -1,0 +1,1 @@
+"""Built-in container images: tiny servers that run inside a container's namespace."""

@@ -1,0 +1,239 @@
+"""Labs: several Docker-like hosts, an underlay fabric and vxnet daemons on one machine.
+
+The Python API, used by the CLI, the demo and the tests::
+
+    from vxnet.lab import Lab
+
+    with Lab(hosts=3) as lab:                  # `vxnet lab up`, and `lab down` on exit
+        lab.run("h1", "web", "front", "whoami")
+        lab.run("h2", "client", "front", "idle")
+        print(lab.exec("client", ["ping", "-c1", lab.ip("web")]).stdout)
+
+Until the manager and gossip exist, the lab itself is the control plane: it allocates container
+addresses across hosts and programs every host's FDB and neighbour table with every other host's
+containers (``sync_peers``), origin ``lab``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from vxnet import netns
+from vxnet.client import DaemonClient
+from vxnet.errors import Conflict, NotFound, UsageError
+from vxnet.lab import builder
+from vxnet.lab.topology import LabSpec, default_spec, load_spec
+
+__all__ = ["Lab", "LabSpec"]
+
+
+class Lab:
+    """A running lab (``Lab(...)`` builds one; ``Lab.attach(name)`` reattaches to one)."""
+
+    def __init__(
+        self,
+        hosts: int = 3,
+        name: str = "vxnet",
+        spec: LabSpec | None = None,
+        file: str | Path | None = None,
+        *,
+        _attach: bool = False,
+    ) -> None:
+        if _attach:
+            self.name = name
+            self.state = builder.load_state(name)
+            return
+        if spec is None:
+            spec = load_spec(Path(file), name=name, hosts=hosts) if file else default_spec(name, hosts)
+        self.name = spec.name
+        self.state = builder.up(spec)
+        try:
+            for c in spec.containers:
+                self.run(c.host, c.name, c.network, c.image, ip=c.ip)
+        except BaseException:
+            self.down()
+            raise
+
+    @classmethod
+    def attach(cls, name: str) -> Lab:
+        return cls(name=name, _attach=True)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.down()
+
+    def down(self) -> list[str]:
+        return builder.down(self.name)
+
+    # ------------------------------------------------------------------------ addressing
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(self.state["hosts"])
+
+    def client(self, host: str, timeout: float = 30.0) -> DaemonClient:
+        return builder.client(self.state, host, timeout)
+
+    def host_address(self, host: str) -> str:
+        return str(self.state["hosts"][host]["address"])
+
+    def host_netns(self, host: str) -> str:
+        return str(self.state["hosts"][host]["netns"])
+
+    @property
+    def fabric_netns(self) -> str:
+        return str(self.state["fabric"]["netns"])
+
+    def containers(self) -> dict[str, dict[str, Any]]:
+        """Every container of every host, by name, with its ``host``."""
+        out: dict[str, dict[str, Any]] = {}
+        for host in self.hosts:
+            for c in self.client(host).get("/containers"):
+                out[c["name"]] = dict(c, host=host)
+        return out
+
+    def find(self, name: str) -> dict[str, Any]:
+        c = self.containers().get(name)
+        if c is None:
+            raise NotFound(f"no such container: {name}")
+        return c
+
+    def ip(self, name: str) -> str:
+        return str(self.find(name)["ip"])
+
+    # ------------------------------------------------------------------------ containers
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(builder.run_dir(self.name) / "lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def run(
+        self,
+        host: str,
+        name: str,
+        network: str,
+        image: str = "idle",
+        cmd: Sequence[str] = (),
+        ip: str | None = None,
+    ) -> dict[str, Any]:
+        """Start a container on ``host`` and tell every other host about it."""
+        with self._locked():
+            existing = self.containers()
+            if name in existing:
+                raise Conflict(
+                    f'the container name "{name}" is already in use (on {existing[name]["host"]})'
+                )
+            if ip is None:
+                ip = self._free_ip(network, existing)
+            body = {"name": name, "network": network, "image": image, "cmd": list(cmd), "ip": ip}
+            created: dict[str, Any] = self.client(host).post("/containers", body)
+            self.sync_peers()
+        return dict(created, host=host)
+
+    def _free_ip(self, network: str, existing: dict[str, dict[str, Any]]) -> str:
+        nets = {n["name"]: n for n in self.state["networks"]}
+        if network not in nets:
+            raise NotFound(f"network {network} not found")
+        subnet = ipaddress.IPv4Network(nets[network]["subnet"])
+        used = {c["ip"] for c in existing.values() if c["network"] == network}
+        used.add(str(next(subnet.hosts())))  # the gateway
+        for row in self.client(self.hosts[0]).get("/fdb"):
+            if row["network"] == network:
+                used.add(row["ip"])
+        for ip in subnet.hosts():
+            if str(ip) not in used:
+                return str(ip)
+        raise Conflict(f"no free address left in {network} ({subnet})")
+
+    def rm(self, name: str, force: bool = True) -> None:
+        with self._locked():
+            c = self.find(name)
+            self.client(c["host"]).delete(f"/containers/{name}?force={int(force)}")
+            self.sync_peers()
+
+    def sync_peers(self) -> None:
+        """Make every host's lab-origin FDB equal to the other hosts' containers."""
+        every = self.containers()
+        for host in self.hosts:
+            cl = self.client(host)
+            want = {
+                (c["network"], c["mac"]): c
+                for c in every.values()
+                if c["host"] != host
+            }
+            have = {(r["network"], r["mac"]): r for r in cl.get("/fdb") if r["origin"] == "lab"}
+            for key in have.keys() - want.keys():
+                cl.delete(f"/fdb/{key[0]}/{key[1]}")
+            for key, c in want.items():
+                vtep = self.host_address(c["host"])
+                row = have.get(key)
+                if row is None or row["vtep"] != vtep or row["ip"] != c["ip"]:
+                    cl.post("/fdb", {"network": c["network"], "mac": c["mac"], "ip": c["ip"],
+                                     "vtep": vtep, "origin": "lab"})  # fmt: skip
+
+    def exec(
+        self, name: str, argv: Sequence[str], timeout: float = 60.0, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside container ``name``; capture its output."""
+        c = self.find(name)
+        return subprocess.run(
+            netns.exec_argv(c["netns"], argv), capture_output=True, text=True,
+            timeout=timeout, check=check,
+        )  # fmt: skip
+
+    def exec_host(
+        self, host: str, argv: Sequence[str], timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in a host's namespace (where its daemon and underlay live)."""
+        if host not in self.state["hosts"]:
+            raise UsageError(f"no host {host!r} in lab {self.name}")
+        return subprocess.run(
+            netns.exec_argv(self.host_netns(host), argv), capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+
+    def stats(self, host: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.client(host).get("/dataplane/stats")
+        return result
+
+    def restart(self, host: str) -> dict[str, Any]:
+        result = builder.restart(self.name, host)
+        self.state = builder.load_state(self.name)
+        self.sync_peers()
+        return result
+
+    # ----------------------------------------------------- extra namespaces on the fabric
+
+    def add_fabric_namespace(self, suffix: str, address: str) -> str:
+        """A plain namespace plugged into the fabric with ``address`` (a client, a kernel VTEP).
+
+        It is recorded in the lab's state so ``lab down`` removes it.
+        """
+        if not suffix.isalnum() or len(suffix) > 10:
+            raise UsageError("suffix: up to 10 letters or digits")
+        ns = f"{builder.prefix(self.name)}x{suffix}"
+        self.state["extra_namespaces"].append(ns)
+        builder.save_state(self.name, self.state)
+        netns.create(ns)
+        port = f"x{suffix}"
+        netns.add_veth(self.fabric_netns, port, ns, "eth0", mtu=self.state["underlay"]["mtu"])
+        netns.set_master(self.fabric_netns, port, builder.FABRIC_BRIDGE)
+        prefixlen = ipaddress.IPv4Network(self.state["underlay"]["subnet"]).prefixlen
+        netns.add_address(ns, "eth0", address, prefixlen)
+        return ns

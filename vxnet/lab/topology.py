@@ -1,0 +1,232 @@
+"""Lab files: a TOML description of hosts, the underlay and the networks.
+
+```toml
+name = "mylab"                       # optional; `vxnet lab up --name` wins
+[underlay]
+subnet = "192.168.100.0/24"          # host k gets .10+k unless it names an address
+mtu = 1500
+[[host]]
+name = "h1"
+[[network]]
+name = "front"
+subnet = "10.0.1.0/24"
+vni = 4097
+mtu = 1450                           # optional: the network (inner) MTU
+[[container]]                        # optional: started by `lab up`
+name = "web1"
+host = "h1"
+network = "front"
+image = "whoami"
+```
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vxnet.dataplane.tables import DEFAULT_MTU, VXLAN_OVERHEAD
+from vxnet.errors import UsageError
+
+LAB_NAME_RE = re.compile(r"^[a-z0-9]{1,12}$")
+HOST_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+DEFAULT_LAB = "vxnet"
+DEFAULT_UNDERLAY = ipaddress.IPv4Network("192.168.100.0/24")
+MAX_HOSTS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    name: str
+    address: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class LabNetwork:
+    name: str
+    subnet: ipaddress.IPv4Network
+    vni: int
+    mtu: int = DEFAULT_MTU
+
+
+@dataclass(frozen=True, slots=True)
+class LabContainer:
+    name: str
+    host: str
+    network: str
+    image: str = "idle"
+    ip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LabSpec:
+    name: str
+    hosts: tuple[HostSpec, ...]
+    networks: tuple[LabNetwork, ...]
+    containers: tuple[LabContainer, ...] = ()
+    underlay: ipaddress.IPv4Network = DEFAULT_UNDERLAY
+    underlay_mtu: int = 1500
+    data_port: int = 4789
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+DEFAULT_NETWORKS = (
+    LabNetwork("front", ipaddress.IPv4Network("10.0.1.0/24"), 4097),
+    LabNetwork("back", ipaddress.IPv4Network("10.0.2.0/24"), 4098),
+)
+
+
+def check_lab_name(name: str) -> str:
+    if not isinstance(name, str) or not LAB_NAME_RE.match(name):
+        raise UsageError(f"invalid lab name {name!r}: use 1-12 lowercase letters or digits")
+    return name
+
+
+def default_hosts(n: int, underlay: ipaddress.IPv4Network) -> tuple[HostSpec, ...]:
+    if not 1 <= n <= MAX_HOSTS:
+        raise UsageError(f"--hosts must be between 1 and {MAX_HOSTS}")
+    return tuple(HostSpec(f"h{i}", underlay.network_address + 10 + i) for i in range(1, n + 1))
+
+
+def default_spec(name: str = DEFAULT_LAB, hosts: int = 3) -> LabSpec:
+    return LabSpec(check_lab_name(name), default_hosts(hosts, DEFAULT_UNDERLAY), DEFAULT_NETWORKS)
+
+
+def load_spec(path: Path, name: str | None = None, hosts: int | None = None) -> LabSpec:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read lab file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"lab file {path} is not valid TOML: {exc}") from None
+    return parse_spec(data, name=name, hosts=hosts, source=str(path))
+
+
+def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
+    value = table.get(key, default)
+    if value is None:
+        raise UsageError(f"{where}: missing {key!r}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UsageError(f"{where}: {key!r} must be a {kind.__name__}")
+    return value
+
+
+def _net(text: str, where: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def parse_spec(
+    data: dict[str, Any], name: str | None = None, hosts: int | None = None, source: str = "lab file"
+) -> LabSpec:
+    known = {"name", "underlay", "host", "network", "container"}
+    unknown = set(data) - known
+    if unknown:
+        raise UsageError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    lab_name = check_lab_name(name or data.get("name") or DEFAULT_LAB)
+    underlay_t = data.get("underlay", {})
+    if not isinstance(underlay_t, dict):
+        raise UsageError(f"{source}: [underlay] must be a table")
+    underlay = _net(underlay_t.get("subnet", str(DEFAULT_UNDERLAY)), f"{source} [underlay]")
+    underlay_mtu = _get(underlay_t, "mtu", int, f"{source} [underlay]", 1500)
+    if not 576 <= underlay_mtu <= 9000:
+        raise UsageError(f"{source} [underlay]: mtu must be 576-9000")
+    host_specs = _parse_hosts(data.get("host", []), underlay, hosts, source)
+    networks = _parse_networks(data.get("network"), underlay_mtu, source)
+    containers = _parse_containers(data.get("container", []), host_specs, networks, source)
+    return LabSpec(lab_name, host_specs, networks, containers, underlay, underlay_mtu)
+
+
+def _parse_hosts(
+    rows: Any, underlay: ipaddress.IPv4Network, count: int | None, source: str
+) -> tuple[HostSpec, ...]:
+    if not isinstance(rows, list):
+        raise UsageError(f"{source}: [[host]] must be an array of tables")
+    if not rows:
+        return default_hosts(count or 3, underlay)
+    out: list[HostSpec] = []
+    for i, row in enumerate(rows, start=1):
+        where = f"{source} host #{i}"
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: must be a table")
+        hname = _get(row, "name", str, where, f"h{i}")
+        if not HOST_NAME_RE.match(hname) or hname == "fabric":
+            raise UsageError(f"{where}: host name {hname!r}: a letter then up to 11 letters/digits")
+        try:
+            addr = ipaddress.IPv4Address(row.get("address") or underlay.network_address + 10 + i)
+        except ValueError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        if addr not in underlay:
+            raise UsageError(f"{where}: address {addr} is outside the underlay {underlay}")
+        out.append(HostSpec(hname, addr))
+    _unique([h.name for h in out], "host name", source)
+    _unique([str(h.address) for h in out], "host address", source)
+    return tuple(out)
+
+
+def _parse_networks(rows: Any, underlay_mtu: int, source: str) -> tuple[LabNetwork, ...]:
+    if rows is None:
+        return DEFAULT_NETWORKS
+    if not isinstance(rows, list):
+        raise UsageError(f"{source}: [[network]] must be an array of tables")
+    out: list[LabNetwork] = []
+    for i, row in enumerate(rows, start=1):
+        where = f"{source} network #{i}"
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: must be a table")
+        subnet = _net(_get(row, "subnet", str, where), where)
+        vni = _get(row, "vni", int, where, 4096 + i)
+        mtu = _get(row, "mtu", int, where, underlay_mtu - VXLAN_OVERHEAD)
+        if mtu > underlay_mtu - VXLAN_OVERHEAD:
+            raise UsageError(
+                f"{where}: mtu {mtu} does not fit the underlay ({underlay_mtu} - 50 = "
+                f"{underlay_mtu - VXLAN_OVERHEAD}); VXLAN is never fragmented"
+            )
+        out.append(LabNetwork(_get(row, "name", str, where), subnet, vni, mtu))
+    _unique([n.name for n in out], "network name", source)
+    _unique([n.vni for n in out], "VNI", source)
+    for a in out:
+        for b in out:
+            if a is not b and a.subnet.overlaps(b.subnet):
+                raise UsageError(f"{source}: subnets of {a.name} and {b.name} overlap")
+    return tuple(out)
+
+
+def _parse_containers(
+    rows: Any, hosts: tuple[HostSpec, ...], networks: tuple[LabNetwork, ...], source: str
+) -> tuple[LabContainer, ...]:
+    if not isinstance(rows, list):
+        raise UsageError(f"{source}: [[container]] must be an array of tables")
+    host_names = {h.name for h in hosts}
+    net_names = {n.name for n in networks}
+    out = []
+    for i, row in enumerate(rows, start=1):
+        where = f"{source} container #{i}"
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: must be a table")
+        c = LabContainer(
+            _get(row, "name", str, where), _get(row, "host", str, where),
+            _get(row, "network", str, where), _get(row, "image", str, where, "idle"),
+            row.get("ip"),
+        )  # fmt: skip
+        if c.host not in host_names:
+            raise UsageError(f"{where}: no host {c.host!r} in this lab")
+        if c.network not in net_names:
+            raise UsageError(f"{where}: no network {c.network!r} in this lab")
+        out.append(c)
+    _unique([c.name for c in out], "container name", source)
+    return tuple(out)
+
+
+def _unique(values: list[Any], what: str, source: str) -> None:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise UsageError(f"{source}: duplicate {what} {v!r}")
+        seen.add(v)
