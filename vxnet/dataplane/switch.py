@@ -32,6 +32,7 @@ from vxnet.dataplane.tables import (
 )
 from vxnet.errors import UsageError
 from vxnet.wire.checksum import internet_checksum
+from vxnet.wire.vxlan import vxlan_header
 
 ETH_HLEN = 14
 VXLAN_HLEN = 8
@@ -44,11 +45,6 @@ _IPV6_UNSPECIFIED = bytes(16)
 
 WriteFd = Callable[[int, bytes | memoryview], int]
 SendUdp = Callable[[Sequence[bytes | memoryview], tuple[str, int]], int]
-
-
-def vxlan_header(vni: int) -> bytes:
-    """RFC 7348 header: I flag, reserved bits zero, 24-bit VNI."""
-    return struct.pack("!II", 0x08000000, vni << 8)
 
 
 class Counters:
@@ -208,7 +204,7 @@ class Switch:
         etype = frame[12:14]
         if etype == _ETYPE_ARP:
             self._answer_arp(port, frame)
-        elif etype == _ETYPE_IPV6 and len(frame) >= 86 and frame[20] == 58 and frame[54] == 135:
+        elif etype == _ETYPE_IPV6 and len(frame) >= 78 and frame[20] == 58 and frame[54] == 135:
             self._answer_nd(port, frame)
         else:
             _drop(port.net.counters, "flood_suppressed")
