@@ -25,10 +25,12 @@ from vxnet.dataplane.tables import (
 from vxnet.errors import UsageError
 from vxnet.wire import decode_vxlan_untrusted
 
-FRONT = NetworkSpec("front", 4097, ipaddress.IPv4Network("10.0.1.0/24"),
-                    ipaddress.IPv4Address("10.0.1.1"))  # fmt: skip
-BACK = NetworkSpec("back", 4098, ipaddress.IPv4Network("10.0.2.0/24"),
-                   ipaddress.IPv4Address("10.0.2.1"))  # fmt: skip
+FRONT = NetworkSpec(
+    "front", 4097, ipaddress.IPv4Network("10.0.1.0/24"), ipaddress.IPv4Address("10.0.1.1")
+)
+BACK = NetworkSpec(
+    "back", 4098, ipaddress.IPv4Network("10.0.2.0/24"), ipaddress.IPv4Address("10.0.2.1")
+)
 IP_A, IP_B, IP_R = (ipaddress.IPv4Address(f"10.0.1.{i}") for i in (2, 3, 9))
 MAC_A, MAC_B, MAC_R = (endpoint_mac(ip) for ip in (IP_A, IP_B, IP_R))
 VTEP = ipaddress.IPv4Address("192.168.100.12")
@@ -81,7 +83,7 @@ def test_remote_mac_is_encapsulated_to_its_vtep(rig: tuple[Switch, Wire]) -> Non
     sw, wire = rig
     f = frame(MAC_R, MAC_A)
     sw.from_tap(sw.ports["a"], f)
-    (data, addr), = wire.udp
+    ((data, addr),) = wire.udp
     assert addr == (str(VTEP), 4789)
     assert data[:8] == bytes.fromhex("0800000000100100")  # I flag, VNI 4097 = 0x001001
     vx = decode_vxlan_untrusted(data)
@@ -133,8 +135,12 @@ def test_unknown_destination_oversize_and_broadcast_are_dropped(rig: tuple[Switc
     sw.from_tap(port, b"\x00" * 10)
     assert not wire.tap and not wire.udp
     assert drops(sw.nets[FRONT.vni].counters) == {
-        "unknown_dst": 1, "too_big": 1, "flood_suppressed": 1, "no_route_out": 1, "runt": 1,
-    }  # fmt: skip
+        "unknown_dst": 1,
+        "too_big": 1,
+        "flood_suppressed": 1,
+        "no_route_out": 1,
+        "runt": 1,
+    }
 
 
 def test_a_full_mtu_frame_passes(rig: tuple[Switch, Wire]) -> None:
@@ -159,15 +165,22 @@ def test_vnis_are_isolated(rig: tuple[Switch, Wire]) -> None:
 
 def test_arp_is_answered_from_the_neighbour_table(rig: tuple[Switch, Wire]) -> None:
     sw, wire = rig
-    req = bytes(Ether(src=MAC_A.hex(":"), dst="ff:ff:ff:ff:ff:ff")
-                / ARP(op=1, hwsrc=MAC_A.hex(":"), psrc=str(IP_A), pdst=str(IP_R)))  # fmt: skip
+    req = bytes(
+        Ether(src=MAC_A.hex(":"), dst="ff:ff:ff:ff:ff:ff")
+        / ARP(op=1, hwsrc=MAC_A.hex(":"), psrc=str(IP_A), pdst=str(IP_R))
+    )
     sw.from_tap(sw.ports["a"], req)
-    (fd, reply), = wire.tap
+    ((fd, reply),) = wire.tap
     parsed = Ether(reply)
     assert fd == 10 and parsed.dst == MAC_A.hex(":") and parsed.src == MAC_R.hex(":")
     arp = parsed[ARP]
     assert (arp.op, arp.hwsrc, arp.psrc, arp.hwdst, arp.pdst) == (
-        2, MAC_R.hex(":"), str(IP_R), MAC_A.hex(":"), str(IP_A))
+        2,
+        MAC_R.hex(":"),
+        str(IP_R),
+        MAC_A.hex(":"),
+        str(IP_A),
+    )
     assert sw.nets[FRONT.vni].counters.arp_replies == 1
 
 
@@ -175,8 +188,13 @@ def test_arp_for_the_gateway_and_for_unknowns(rig: tuple[Switch, Wire]) -> None:
     sw, wire = rig
 
     def ask(ip: str) -> None:
-        sw.from_tap(sw.ports["a"], bytes(Ether(src=MAC_A.hex(":"), dst="ff:ff:ff:ff:ff:ff")
-                    / ARP(op=1, hwsrc=MAC_A.hex(":"), psrc=str(IP_A), pdst=ip)))  # fmt: skip
+        sw.from_tap(
+            sw.ports["a"],
+            bytes(
+                Ether(src=MAC_A.hex(":"), dst="ff:ff:ff:ff:ff:ff")
+                / ARP(op=1, hwsrc=MAC_A.hex(":"), psrc=str(IP_A), pdst=ip)
+            ),
+        )
 
     ask("10.0.1.1")
     assert Ether(wire.tap[0][1])[ARP].hwsrc == FRONT.gateway_mac.hex(":")
@@ -190,11 +208,13 @@ def test_neighbour_solicitation_is_answered(rig: tuple[Switch, Wire]) -> None:
     sw, wire = rig
     target = ipaddress.IPv6Address("fd00::9")
     sw.apply(AddPeer(FRONT.vni, MAC_R, target, VTEP, "manual"))
-    ns = (Ether(src=MAC_A.hex(":"), dst="33:33:ff:00:00:09")
-          / IPv6(src="fd00::2", dst="ff02::1:ff00:9", hlim=255)
-          / ICMPv6ND_NS(tgt=str(target)))  # fmt: skip
+    ns = (
+        Ether(src=MAC_A.hex(":"), dst="33:33:ff:00:00:09")
+        / IPv6(src="fd00::2", dst="ff02::1:ff00:9", hlim=255)
+        / ICMPv6ND_NS(tgt=str(target))
+    )
     sw.from_tap(sw.ports["a"], bytes(ns))
-    (_, reply), = wire.tap
+    ((_, reply),) = wire.tap
     parsed = Ether(reply)
     na = parsed[ICMPv6ND_NA]
     assert parsed[IPv6].dst == "fd00::2" and parsed[IPv6].hlim == 255
@@ -207,7 +227,7 @@ def test_neighbour_solicitation_is_answered(rig: tuple[Switch, Wire]) -> None:
 
 
 def test_peer_and_port_removal(rig: tuple[Switch, Wire]) -> None:
-    sw, wire = rig
+    sw, _wire = rig
     sw.apply(RemovePeer(FRONT.vni, MAC_R))
     assert sw.fdb() == []
     assert IP_R.packed not in sw.nets[FRONT.vni].neigh

@@ -49,8 +49,16 @@ def capture(
 def start_capture(
     ns: str, iface: str, count: int = 1, timeout: float = 5.0, udp_port: int | None = 4789
 ) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "vxnet.capture", iface, "--count", str(count),
-            "--timeout", str(timeout)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "vxnet.capture",
+        iface,
+        "--count",
+        str(count),
+        "--timeout",
+        str(timeout),
+    ]
     if udp_port is not None:
         argv += ["--udp-port", str(udp_port)]
     proc = subprocess.Popen(netns.exec_argv(ns, argv), stdout=subprocess.PIPE, text=True)
@@ -72,9 +80,11 @@ def finish_capture(proc: subprocess.Popen[str], timeout: float) -> list[bytes]:
 
 def _is_udp_to(frame: bytes, port: int) -> bool:
     return (
-        len(frame) >= 42 and frame[12:14] == b"\x08\x00" and frame[23] == IPPROTO_UDP
-        and int.from_bytes(frame[14 + (frame[14] & 0xF) * 4 + 2:][:2], "big") == port
-    )  # fmt: skip
+        len(frame) >= 42
+        and frame[12:14] == b"\x08\x00"
+        and frame[23] == IPPROTO_UDP
+        and int.from_bytes(frame[14 + (frame[14] & 0xF) * 4 + 2 :][:2], "big") == port
+    )
 
 
 def _main(argv: list[str]) -> int:
@@ -116,7 +126,9 @@ def explain(frame: bytes, indent: str = "  ") -> list[str]:
 
 def _explain_outer(frame: bytes, out: list[str], ind: str) -> None:
     eth = decode_ethernet_untrusted(frame)
-    out.append(f"{ind}Ethernet  {mac_to_str(eth.src)} -> {mac_to_str(eth.dst)}  type 0x{eth.ethertype:04x}")
+    out.append(
+        f"{ind}Ethernet  {mac_to_str(eth.src)} -> {mac_to_str(eth.dst)}  type 0x{eth.ethertype:04x}"
+    )
     if eth.ethertype != ETH_P_IP:
         return
     ip = decode_ipv4_untrusted(eth.payload)
@@ -132,7 +144,9 @@ def _explain_outer(frame: bytes, out: list[str], ind: str) -> None:
 
 def _explain_inner(frame: bytes, out: list[str], ind: str) -> None:
     eth = decode_ethernet_untrusted(frame)
-    out.append(f"{ind}Ethernet  {mac_to_str(eth.src)} -> {mac_to_str(eth.dst)}  type 0x{eth.ethertype:04x}")
+    out.append(
+        f"{ind}Ethernet  {mac_to_str(eth.src)} -> {mac_to_str(eth.dst)}  type 0x{eth.ethertype:04x}"
+    )
     if eth.ethertype == ETH_P_ARP:
         arp = decode_arp_untrusted(eth.payload)
         out.append(f"{ind}ARP       op {arp.op}  {arp.sender_ip} asks/tells {arp.target_ip}")

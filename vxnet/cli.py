@@ -82,8 +82,12 @@ FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), d
 
 
 @click.group(cls=VxnetGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-H", "--host", envvar="VXNET_HOST", help="Host whose daemon to address (h1, h2, ...).")
-@click.option("--lab", envvar="VXNET_LAB", help="Lab to use (default: the only one up, or 'vxnet').")
+@click.option(
+    "-H", "--host", envvar="VXNET_HOST", help="Host whose daemon to address (h1, h2, ...)."
+)
+@click.option(
+    "--lab", envvar="VXNET_LAB", help="Lab to use (default: the only one up, or 'vxnet')."
+)
 @click.version_option(__version__, prog_name="vxnet")
 @click.pass_context
 def cli(ctx: click.Context, host: str | None, lab: str | None) -> None:
@@ -105,11 +109,17 @@ def lab() -> None:
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
 def lab_up(name: str | None, hosts: int | None, file: str | None) -> None:
     """Build a lab: fabric, hosts h1..hN and one vxnet daemon per host."""
-    spec = load_spec(Path(file), name, hosts) if file else default_spec(name or DEFAULT_LAB, hosts or 3)
+    spec = (
+        load_spec(Path(file), name, hosts)
+        if file
+        else default_spec(name or DEFAULT_LAB, hosts or 3)
+    )
     t0 = time.monotonic()
     lab_obj = Lab(spec=spec)
-    click.echo(f"lab {lab_obj.name} is up in {time.monotonic() - t0:.1f}s: "
-               f"{len(lab_obj.hosts)} hosts ({', '.join(lab_obj.hosts)})")  # fmt: skip
+    click.echo(
+        f"lab {lab_obj.name} is up in {time.monotonic() - t0:.1f}s: "
+        f"{len(lab_obj.hosts)} hosts ({', '.join(lab_obj.hosts)})"
+    )
     for net in lab_obj.state["networks"]:
         click.echo(f"  network {net['name']}: {net['subnet']} VNI {net['vni']} MTU {net['mtu']}")
 
@@ -132,8 +142,9 @@ def lab_ls() -> None:
         try:
             st = builder.inspect(name)
             hosts = st["hosts"]
-            rows.append([name, str(len(hosts)),
-                         str(sum(1 for h in hosts.values() if h["daemon_running"]))])  # fmt: skip
+            rows.append(
+                [name, str(len(hosts)), str(sum(1 for h in hosts.values() if h["daemon_running"]))]
+            )
         except VxnetError:
             rows.append([name, "?", "state missing: `vxnet lab down --name " + name + "`"])
     _emit(None, "table", rows)
@@ -148,11 +159,21 @@ def lab_inspect(ctx: Ctx, name: str | None, fmt: str) -> None:
     st = builder.inspect(check_lab_name(name) if name else ctx.lab_name())
     rows = [["HOST", "NETNS", "UNDERLAY", "ADDRESS", "DAEMON PID", "RUNNING"]]
     for hname, h in st["hosts"].items():
-        rows.append([hname, h["netns"], h["underlay_if"], h["address"], str(h["pid"]),
-                     "yes" if h["daemon_running"] else "NO"])  # fmt: skip
+        rows.append(
+            [
+                hname,
+                h["netns"],
+                h["underlay_if"],
+                h["address"],
+                str(h["pid"]),
+                "yes" if h["daemon_running"] else "NO",
+            ]
+        )
     if fmt == "table":
-        click.echo(f"lab {st['name']}: fabric namespace {st['fabric']['netns']}, "
-                   f"bridge {st['fabric']['bridge']}, underlay {st['underlay']['subnet']}")  # fmt: skip
+        click.echo(
+            f"lab {st['name']}: fabric namespace {st['fabric']['netns']}, "
+            f"bridge {st['fabric']['bridge']}, underlay {st['underlay']['subnet']}"
+        )
     _emit(st, fmt, rows)
 
 
@@ -166,7 +187,9 @@ def lab_restart(ctx: Ctx, name: str | None, host: str) -> None:
     result = lab_obj.restart(host)
     click.echo(f"{host}: daemon restarted (pid {result['pid']})")
     if result["lost_containers"]:
-        click.echo(f"  containers lost with the old daemon's TAPs: {', '.join(result['lost_containers'])}")
+        click.echo(
+            f"  containers lost with the old daemon's TAPs: {', '.join(result['lost_containers'])}"
+        )
 
 
 @lab.command("demo")
@@ -190,13 +213,29 @@ def lab_demo(keep: bool, step: bool) -> None:
 @click.option("--data-port", type=click.IntRange(1, 65535), default=4789)
 @click.option("--netns", "ns", help="Network namespace to run in.")
 @click.option("--container-prefix", default="vxc-")
-def daemon(host_name: str, socket_path: str, state_dir: str, underlay_addr: str, data_port: int,
-           ns: str | None, container_prefix: str) -> None:  # fmt: skip
+def daemon(
+    host_name: str,
+    socket_path: str,
+    state_dir: str,
+    underlay_addr: str,
+    data_port: int,
+    ns: str | None,
+    container_prefix: str,
+) -> None:
     """Run a host's daemon (the lab starts these)."""
     from vxnet.daemon.service import DaemonConfig, run_daemon
 
-    run_daemon(DaemonConfig(host_name, Path(socket_path), Path(state_dir), underlay_addr,
-                            data_port, ns, container_prefix))  # fmt: skip
+    run_daemon(
+        DaemonConfig(
+            host_name,
+            Path(socket_path),
+            Path(state_dir),
+            underlay_addr,
+            data_port,
+            ns,
+            container_prefix,
+        )
+    )
 
 
 # -------------------------------------------------------------------------- containers
@@ -210,8 +249,15 @@ def daemon(host_name: str, socket_path: str, state_dir: str, underlay_addr: str,
 @click.argument("image")
 @click.argument("cmd", nargs=-1)
 @pass_ctx
-def run(ctx: Ctx, detach: bool, name: str, network: str, ip: str | None, image: str,
-        cmd: tuple[str, ...]) -> None:  # fmt: skip
+def run(
+    ctx: Ctx,
+    detach: bool,
+    name: str,
+    network: str,
+    ip: str | None,
+    image: str,
+    cmd: tuple[str, ...],
+) -> None:
     """Run a container: images whoami, echo, iperf3, idle (or IMAGE CMD... to run CMD)."""
     lab_obj = ctx.lab()
     c = lab_obj.run(ctx.host(lab_obj), name, network, image, _strip_dashes(cmd), ip)
@@ -263,14 +309,20 @@ def exec_(ctx: Ctx, container: str, cmd: tuple[str, ...]) -> None:
 @pass_ctx
 def ps(ctx: Ctx, all_hosts: bool, fmt: str) -> None:
     """List containers."""
-    if all_hosts:
-        items = list(ctx.lab().containers().values())
-    else:
-        items = ctx.client().get("/containers")
+    items = list(ctx.lab().containers().values()) if all_hosts else ctx.client().get("/containers")
     rows = [["NAME", "HOST", "NETWORK", "IP", "MAC", "IMAGE", "STATUS"]]
     for c in items:
-        rows.append([c["name"], c.get("host", ctx.host_arg or "-"), c["network"], c["ip"],
-                     c["mac"], c["image"], c["status"]])  # fmt: skip
+        rows.append(
+            [
+                c["name"],
+                c.get("host", ctx.host_arg or "-"),
+                c["network"],
+                c["ip"],
+                c["mac"],
+                c["image"],
+                c["status"],
+            ]
+        )
     _emit(items, fmt, rows)
 
 
@@ -313,8 +365,10 @@ def network_ls(ctx: Ctx, fmt: str) -> None:
     """List the networks of the addressed host."""
     nets = ctx.client().get("/networks")
     rows = [["NAME", "DRIVER", "VNI", "SUBNET", "GATEWAY", "MTU"]]
-    rows += [[n["name"], "overlay", str(n["vni"]), n["subnet"], n["gateway"], str(n["mtu"])]
-             for n in nets]  # fmt: skip
+    rows += [
+        [n["name"], "overlay", str(n["vni"]), n["subnet"], n["gateway"], str(n["mtu"])]
+        for n in nets
+    ]
     _emit(nets, fmt, rows)
 
 
@@ -351,7 +405,9 @@ def fdb_show(ctx: Ctx, fmt: str) -> None:
     """List FDB entries of the addressed host."""
     rows_ = ctx.client().get("/fdb")
     rows = [["NETWORK", "VNI", "MAC", "IP", "VTEP", "ORIGIN"]]
-    rows += [[r["network"], str(r["vni"]), r["mac"], r["ip"], r["vtep"], r["origin"]] for r in rows_]
+    rows += [
+        [r["network"], str(r["vni"]), r["mac"], r["ip"], r["vtep"], r["origin"]] for r in rows_
+    ]
     _emit(rows_, fmt, rows)
 
 
@@ -366,11 +422,33 @@ def dataplane() -> None:
 def dataplane_stats(ctx: Ctx, fmt: str) -> None:
     """Counters per network (rx/tx frames and bytes, drops by reason)."""
     st = ctx.client().get("/dataplane/stats")
-    rows = [["NETWORK", "VNI", "RX FRAMES", "RX BYTES", "TX FRAMES", "TX BYTES", "LOCAL", "ARP", "DROPS"]]
+    rows = [
+        [
+            "NETWORK",
+            "VNI",
+            "RX FRAMES",
+            "RX BYTES",
+            "TX FRAMES",
+            "TX BYTES",
+            "LOCAL",
+            "ARP",
+            "DROPS",
+        ]
+    ]
     for name, n in st["networks"].items():
-        rows.append([name, str(n["vni"]), str(n["rx_frames"]), str(n["rx_bytes"]),
-                     str(n["tx_frames"]), str(n["tx_bytes"]), str(n["local_frames"]),
-                     str(n["arp_replies"]), _drops(n["drops"])])  # fmt: skip
+        rows.append(
+            [
+                name,
+                str(n["vni"]),
+                str(n["rx_frames"]),
+                str(n["rx_bytes"]),
+                str(n["tx_frames"]),
+                str(n["tx_bytes"]),
+                str(n["local_frames"]),
+                str(n["arp_replies"]),
+                _drops(n["drops"]),
+            ]
+        )
     rows.append(["(no network)", "-", "-", "-", "-", "-", "-", "-", _drops(st["global"]["drops"])])
     _emit(st, fmt, rows)
 

@@ -87,7 +87,11 @@ class Router:
 
 async def serve_http(router: Router, listener: trio.SocketListener) -> None:
     """Serve ``router`` on ``listener`` until cancelled."""
-    await trio.serve_listeners(lambda stream: _handle(router, stream), [listener])
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _handle(router, stream)
+
+    await trio.serve_listeners(handler, [listener])
 
 
 async def _handle(router: Router, stream: trio.abc.Stream) -> None:
@@ -114,7 +118,7 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> Reques
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await stream.receive_some(65536)
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
             continue
         if isinstance(event, h11.Request):
             head = event
@@ -130,7 +134,7 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> Reques
     assert head is not None
     target = head.target.decode("ascii", "replace")
     path, _, qs = target.partition("?")
-    query = dict(p.split("=", 1) if "=" in p else (p, "") for p in qs.split("&") if p)
+    query = dict(p.partition("=")[::2] for p in qs.split("&") if p)
     body: Any = None
     if chunks:
         try:
@@ -140,7 +144,9 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> Reques
     return Request(head.method.decode(), path, {}, query, body)
 
 
-async def _respond(conn: h11.Connection, stream: trio.abc.Stream, status: int, payload: Any) -> None:
+async def _respond(
+    conn: h11.Connection, stream: trio.abc.Stream, status: int, payload: Any
+) -> None:
     body = json.dumps(payload, indent=1).encode() + b"\n"
     headers = [
         ("Content-Type", "application/json"),

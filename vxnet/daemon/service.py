@@ -23,6 +23,7 @@ from vxnet.daemon import containers as ctr
 from vxnet.daemon.http import Request, Router, serve_http
 from vxnet.dataplane.engine import Dataplane
 from vxnet.dataplane.tables import (
+    DEFAULT_MTU,
     AddNetwork,
     AddPeer,
     AddPort,
@@ -77,8 +78,10 @@ def parse_network(body: Any) -> NetworkSpec:
     except (ValueError, StopIteration) as exc:
         raise UsageError(f"bad subnet or gateway: {exc}") from None
     if gateway not in subnet or subnet.prefixlen > 30:
-        raise UsageError(f"gateway {gateway} must be a host address of subnet {subnet} (/30 or larger)")
-    mtu = _field(body, "mtu", int, required=False) or NetworkSpec.__dataclass_fields__["mtu"].default
+        raise UsageError(
+            f"gateway {gateway} must be a host address of subnet {subnet} (/30 or larger)"
+        )
+    mtu = _field(body, "mtu", int, required=False) or DEFAULT_MTU
     if not MIN_MTU <= mtu <= 65535 - 50:
         raise UsageError(f"MTU {mtu} out of range {MIN_MTU}-{65535 - 50}")
     return NetworkSpec(name=name, vni=vni, subnet=subnet, gateway=gateway, mtu=mtu)
@@ -131,10 +134,15 @@ class Daemon:
     async def info(self, req: Request) -> Any:
         c = self.config
         return {
-            "host": c.host, "version": __version__, "pid": os.getpid(), "netns": c.netns,
-            "underlay_addr": c.underlay_addr, "data_port": c.data_port,
-            "networks": len(self.networks), "containers": len(self.containers),
-        }  # fmt: skip
+            "host": c.host,
+            "version": __version__,
+            "pid": os.getpid(),
+            "netns": c.netns,
+            "underlay_addr": c.underlay_addr,
+            "data_port": c.data_port,
+            "networks": len(self.networks),
+            "containers": len(self.containers),
+        }
 
     async def list_networks(self, req: Request) -> Any:
         return [_network_json(s) for s in self.networks.values()]
@@ -162,7 +170,8 @@ class Daemon:
             users = [c.name for c in self.containers.values() if c.network == spec.name]
             if users:
                 raise Conflict(
-                    f"network {spec.name} has active endpoints ({', '.join(users)}): remove them first"
+                    f"network {spec.name} has active endpoints ({', '.join(users)}): "
+                    "remove them first"
                 )
             await self._program(RemoveNetwork(spec.vni))
             del self.networks[spec.name]
@@ -212,17 +221,27 @@ class Daemon:
         return container.to_json()
 
     def _pick_ip(self, spec: NetworkSpec, wanted: str | None) -> ipaddress.IPv4Address:
-        used = {ipaddress.IPv4Address(c.ip) for c in self.containers.values() if c.network == spec.name}
+        used = {
+            ipaddress.IPv4Address(c.ip) for c in self.containers.values() if c.network == spec.name
+        }
         used.add(spec.gateway)
-        used |= {ipaddress.IPv4Address(row["ip"]) for row in self.dataplane.fdb()
-                 if row["network"] == spec.name and ":" not in row["ip"]}  # fmt: skip
+        used |= {
+            ipaddress.IPv4Address(row["ip"])
+            for row in self.dataplane.fdb()
+            if row["network"] == spec.name and ":" not in row["ip"]
+        }
         if wanted is not None:
             try:
                 ip = ipaddress.IPv4Address(wanted)
             except ValueError:
                 raise UsageError(f"invalid IP address {wanted!r}") from None
-            if ip not in spec.subnet or ip in (spec.subnet.network_address, spec.subnet.broadcast_address):
-                raise UsageError(f"address {ip} is not a host address of {spec.name} ({spec.subnet})")
+            if ip not in spec.subnet or ip in (
+                spec.subnet.network_address,
+                spec.subnet.broadcast_address,
+            ):
+                raise UsageError(
+                    f"address {ip} is not a host address of {spec.name} ({spec.subnet})"
+                )
             if ip in used:
                 raise Conflict(f"address {ip} is already in use on network {spec.name}")
             return ip
@@ -294,9 +313,12 @@ class Daemon:
 
 def _network_json(spec: NetworkSpec) -> dict[str, Any]:
     return {
-        "name": spec.name, "vni": spec.vni, "subnet": str(spec.subnet),
-        "gateway": str(spec.gateway), "mtu": spec.mtu,
-    }  # fmt: skip
+        "name": spec.name,
+        "vni": spec.vni,
+        "subnet": str(spec.subnet),
+        "gateway": str(spec.gateway),
+        "mtu": spec.mtu,
+    }
 
 
 async def _serve(daemon: Daemon, config: DaemonConfig) -> None:
@@ -308,8 +330,13 @@ async def _serve(daemon: Daemon, config: DaemonConfig) -> None:
     os.chmod(path, 0o600)
     sock.listen(64)
     listener = trio.SocketListener(sock)
-    log.info("daemon %s listening on %s, VXLAN on %s:%d", config.host, path,
-             config.underlay_addr, config.data_port)  # fmt: skip
+    log.info(
+        "daemon %s listening on %s, VXLAN on %s:%d",
+        config.host,
+        path,
+        config.underlay_addr,
+        config.data_port,
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_http, daemon.router, listener)
         nursery.start_soon(daemon.reap)

@@ -10,6 +10,7 @@ thread that reads them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import select
 import socket
@@ -17,8 +18,8 @@ import threading
 from typing import Any
 
 from vxnet.dataplane.switch import Switch
-from vxnet.errors import VxnetError
 from vxnet.dataplane.tables import AddPort, TableUpdate
+from vxnet.errors import VxnetError
 
 BATCH = 256  # frames drained per readiness event before looking at other fds
 RECV_BUF = 65536 + 64
@@ -128,10 +129,8 @@ class Dataplane:
                         switch.from_tap(port, frame)
 
     def _apply_pending(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake)
-        except BlockingIOError:
-            pass
         while True:
             with self._applied:
                 if not self._pending:
@@ -163,7 +162,5 @@ class Dataplane:
 
 
 def _close_quietly(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

@@ -48,7 +48,7 @@ SendUdp = Callable[[Sequence[bytes | memoryview], tuple[str, int]], int]
 
 
 class Counters:
-    """Per-network counters.  Plain attributes: incrementing them is the cheapest thing Python does."""
+    """Per-network counters: plain attributes, the cheapest thing Python can increment."""
 
     __slots__ = (
         "arp_replies",
@@ -118,7 +118,7 @@ class Switch:
         self.nets: dict[int, Net] = {}
         self.ports: dict[str, Port] = {}
         self.ports_by_fd: dict[int, Port] = {}
-        # MAC -> (IP, VTEP, origin) for every programmed remote peer, per VNI: what `fdb show` lists.
+        # per VNI, MAC -> (IP, VTEP, origin) of every programmed remote peer: `fdb show`
         self.peers: dict[int, dict[bytes, tuple[str, str, str]]] = {}
         self.counters = Counters()  # frames that belong to no network (bad VXLAN, unknown VNI)
 
@@ -223,9 +223,15 @@ class Switch:
             _drop(net.counters, "arp_unknown_target")
             return
         reply = (
-            sender_mac + target_mac + _ETYPE_ARP + _ARP_ETH_IPV4_REPLY
-            + target_mac + target_ip + sender_mac + sender_ip
-        )  # fmt: skip
+            sender_mac
+            + target_mac
+            + _ETYPE_ARP
+            + _ARP_ETH_IPV4_REPLY
+            + target_mac
+            + target_ip
+            + sender_mac
+            + sender_ip
+        )
         net.counters.arp_replies += 1
         self._write_port(port, reply)
 
@@ -347,7 +353,13 @@ class Switch:
             name = net.spec.name if net else "?"
             for mac, (ip, vtep, origin) in list(peers.items()):
                 rows.append(
-                    {"network": name, "vni": vni, "mac": mac.hex(":"), "ip": ip,
-                     "vtep": vtep, "origin": origin}
-                )  # fmt: skip
+                    {
+                        "network": name,
+                        "vni": vni,
+                        "mac": mac.hex(":"),
+                        "ip": ip,
+                        "vtep": vtep,
+                        "origin": origin,
+                    }
+                )
         return rows

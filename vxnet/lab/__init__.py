@@ -51,7 +51,9 @@ class Lab:
             self.state = builder.load_state(name)
             return
         if spec is None:
-            spec = load_spec(Path(file), name=name, hosts=hosts) if file else default_spec(name, hosts)
+            spec = (
+                load_spec(Path(file), name=name, hosts=hosts) if file else default_spec(name, hosts)
+            )
         self.name = spec.name
         self.state = builder.up(spec)
         try:
@@ -172,11 +174,7 @@ class Lab:
         every = self.containers()
         for host in self.hosts:
             cl = self.client(host)
-            want = {
-                (c["network"], c["mac"]): c
-                for c in every.values()
-                if c["host"] != host
-            }
+            want = {(c["network"], c["mac"]): c for c in every.values() if c["host"] != host}
             have = {(r["network"], r["mac"]): r for r in cl.get("/fdb") if r["origin"] == "lab"}
             for key in have.keys() - want.keys():
                 cl.delete(f"/fdb/{key[0]}/{key[1]}")
@@ -184,8 +182,16 @@ class Lab:
                 vtep = self.host_address(c["host"])
                 row = have.get(key)
                 if row is None or row["vtep"] != vtep or row["ip"] != c["ip"]:
-                    cl.post("/fdb", {"network": c["network"], "mac": c["mac"], "ip": c["ip"],
-                                     "vtep": vtep, "origin": "lab"})  # fmt: skip
+                    cl.post(
+                        "/fdb",
+                        {
+                            "network": c["network"],
+                            "mac": c["mac"],
+                            "ip": c["ip"],
+                            "vtep": vtep,
+                            "origin": "lab",
+                        },
+                    )
 
     def exec(
         self, name: str, argv: Sequence[str], timeout: float = 60.0, check: bool = False
@@ -193,9 +199,12 @@ class Lab:
         """Run ``argv`` inside container ``name``; capture its output."""
         c = self.find(name)
         return subprocess.run(
-            netns.exec_argv(c["netns"], argv), capture_output=True, text=True,
-            timeout=timeout, check=check,
-        )  # fmt: skip
+            netns.exec_argv(c["netns"], argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
 
     def exec_host(
         self, host: str, argv: Sequence[str], timeout: float = 60.0
@@ -204,9 +213,12 @@ class Lab:
         if host not in self.state["hosts"]:
             raise UsageError(f"no host {host!r} in lab {self.name}")
         return subprocess.run(
-            netns.exec_argv(self.host_netns(host), argv), capture_output=True, text=True,
+            netns.exec_argv(self.host_netns(host), argv),
+            capture_output=True,
+            text=True,
             timeout=timeout,
-        )  # fmt: skip
+            check=False,
+        )
 
     def stats(self, host: str) -> dict[str, Any]:
         result: dict[str, Any] = self.client(host).get("/dataplane/stats")

@@ -156,11 +156,25 @@ def spawn_daemon(lab: str, state: dict[str, Any], host: str) -> int:
     """Start ``vxnet daemon`` for ``host`` (detached, in its own session); return its pid."""
     h = state["hosts"][host]
     argv = [
-        sys.executable, "-m", "vxnet", "daemon",
-        "--host", host, "--netns", h["netns"], "--socket", h["socket"],
-        "--state-dir", h["state_dir"], "--underlay-addr", h["address"],
-        "--data-port", str(state["data_port"]), "--container-prefix", container_prefix(lab, host),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vxnet",
+        "daemon",
+        "--host",
+        host,
+        "--netns",
+        h["netns"],
+        "--socket",
+        h["socket"],
+        "--state-dir",
+        h["state_dir"],
+        "--underlay-addr",
+        h["address"],
+        "--data-port",
+        str(state["data_port"]),
+        "--container-prefix",
+        container_prefix(lab, host),
+    ]
     log_fd = os.open(h["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         actions = [
@@ -168,8 +182,9 @@ def spawn_daemon(lab: str, state: dict[str, Any], host: str) -> int:
             (os.POSIX_SPAWN_DUP2, log_fd, 1),
             (os.POSIX_SPAWN_DUP2, log_fd, 2),
         ]
-        return os.posix_spawn(sys.executable, argv, dict(os.environ), file_actions=actions,
-                              setsid=True)  # fmt: skip
+        return os.posix_spawn(
+            sys.executable, argv, dict(os.environ), file_actions=actions, setsid=True
+        )
     finally:
         os.close(log_fd)
 

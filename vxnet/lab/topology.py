@@ -123,7 +123,10 @@ def _net(text: str, where: str) -> ipaddress.IPv4Network:
 
 
 def parse_spec(
-    data: dict[str, Any], name: str | None = None, hosts: int | None = None, source: str = "lab file"
+    data: dict[str, Any],
+    name: str | None = None,
+    hosts: int | None = None,
+    source: str = "lab file",
 ) -> LabSpec:
     known = {"name", "underlay", "host", "network", "container"}
     unknown = set(data) - known
@@ -211,10 +214,12 @@ def _parse_containers(
         if not isinstance(row, dict):
             raise UsageError(f"{where}: must be a table")
         c = LabContainer(
-            _get(row, "name", str, where), _get(row, "host", str, where),
-            _get(row, "network", str, where), _get(row, "image", str, where, "idle"),
+            _get(row, "name", str, where),
+            _get(row, "host", str, where),
+            _get(row, "network", str, where),
+            _get(row, "image", str, where, "idle"),
             row.get("ip"),
-        )  # fmt: skip
+        )
         if c.host not in host_names:
             raise UsageError(f"{where}: no host {c.host!r} in this lab")
         if c.network not in net_names:
