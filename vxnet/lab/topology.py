@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vxnet.daemon.containers import check_name
 from vxnet.dataplane.tables import DEFAULT_MTU, VXLAN_OVERHEAD
 from vxnet.errors import UsageError
 
@@ -115,7 +116,9 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any =
     return value
 
 
-def _net(text: str, where: str) -> ipaddress.IPv4Network:
+def _net(text: object, where: str) -> ipaddress.IPv4Network:
+    if not isinstance(text, str):
+        raise UsageError(f"{where}: a subnet must be a string such as '10.0.1.0/24'")
     try:
         return ipaddress.IPv4Network(text)
     except ValueError as exc:
@@ -161,8 +164,11 @@ def _parse_hosts(
         hname = _get(row, "name", str, where, f"h{i}")
         if not HOST_NAME_RE.match(hname) or hname == "fabric":
             raise UsageError(f"{where}: host name {hname!r}: a letter then up to 11 letters/digits")
+        text = row.get("address")
+        if text is not None and not isinstance(text, str):
+            raise UsageError(f"{where}: address must be a string such as '192.168.100.11'")
         try:
-            addr = ipaddress.IPv4Address(row.get("address") or underlay.network_address + 10 + i)
+            addr = ipaddress.IPv4Address(text or underlay.network_address + 10 + i)
         except ValueError as exc:
             raise UsageError(f"{where}: {exc}") from None
         if addr not in underlay:
@@ -191,7 +197,11 @@ def _parse_networks(rows: Any, underlay_mtu: int, source: str) -> tuple[LabNetwo
                 f"{where}: mtu {mtu} does not fit the underlay ({underlay_mtu} - 50 = "
                 f"{underlay_mtu - VXLAN_OVERHEAD}); VXLAN is never fragmented"
             )
-        out.append(LabNetwork(_get(row, "name", str, where), subnet, vni, mtu))
+        if not 1 <= vni <= 2**24 - 1:
+            raise UsageError(f"{where}: vni must be 1-16777215 (Docker allocates from 4096)")
+        out.append(
+            LabNetwork(check_name("network", _get(row, "name", str, where)), subnet, vni, mtu)
+        )
     _unique([n.name for n in out], "network name", source)
     _unique([n.vni for n in out], "VNI", source)
     for a in out:
@@ -214,11 +224,11 @@ def _parse_containers(
         if not isinstance(row, dict):
             raise UsageError(f"{where}: must be a table")
         c = LabContainer(
-            _get(row, "name", str, where),
+            check_name("container", _get(row, "name", str, where)),
             _get(row, "host", str, where),
             _get(row, "network", str, where),
             _get(row, "image", str, where, "idle"),
-            row.get("ip"),
+            _get(row, "ip", str, where, "") or None,
         )
         if c.host not in host_names:
             raise UsageError(f"{where}: no host {c.host!r} in this lab")
