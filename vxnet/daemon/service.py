@@ -40,6 +40,7 @@ from vxnet.wire.vxlan import VNI_MAX
 
 log = logging.getLogger("vxnet.daemon")
 MIN_MTU = 68
+DATAPLANE_PATH = "per-frame forwarder: one read and one sendmsg per frame, no offloads"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,7 @@ class Daemon:
             "pid": os.getpid(),
             "netns": c.netns,
             "underlay_addr": c.underlay_addr,
+            "dataplane": DATAPLANE_PATH,
             "data_port": c.data_port,
             "networks": len(self.networks),
             "containers": len(self.containers),
