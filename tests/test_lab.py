@@ -377,3 +377,37 @@ def test_lab_restart_brings_a_killed_daemon_back() -> None:
         assert r2.returncode == 0, r2.stdout
         inspect = json.loads(vxnet_cli(name, "lab", "inspect", "--format", "json").stdout)
         assert all(h["daemon_running"] for h in inspect["hosts"].values())
+
+
+def test_foreground_run_streams_output_and_exit_code(pair: Lab) -> None:
+    r = vxnet_cli(
+        pair,
+        "-H",
+        "h2",
+        "run",
+        "--name",
+        "once",
+        "--network",
+        "front",
+        "idle",
+        "sh",
+        "-c",
+        f"ping -c 1 -W 2 {pair.ip('srv')} >/dev/null && echo reached; exit 3",
+    )
+    assert r.returncode == 3 and "reached" in r.stdout, r.stderr
+    assert pair.find("once")["status"] == "exited (3)"
+    pair.rm("once", force=False)  # an exited container needs no -f
+
+
+def test_rm_refuses_a_running_container_without_force_and_removes_its_namespace(pair: Lab) -> None:
+    pair.run("h1", "gone", "front", "idle")
+    gone = pair.find("gone")
+    ns = gone["netns"]
+    assert any(row["mac"] == gone["mac"] for row in pair.client("h2").get("/fdb"))
+    r = vxnet_cli(pair, "rm", "gone")
+    assert r.returncode == 1 and "rm -f" in r.stderr
+    assert vxnet_cli(pair, "rm", "-f", "gone").returncode == 0
+    assert not netns.exists(ns) and netns.pids_in(ns) == []
+    for host in ("h2", "h3"):  # every other host forgot its FDB entry
+        assert all(row["mac"] != gone["mac"] for row in pair.client(host).get("/fdb"))
+    assert "gone" not in pair.containers()
