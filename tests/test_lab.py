@@ -411,3 +411,20 @@ def test_rm_refuses_a_running_container_without_force_and_removes_its_namespace(
     for host in ("h2", "h3"):  # every other host forgot its FDB entry
         assert all(row["mac"] != gone["mac"] for row in pair.client(host).get("/fdb"))
     assert "gone" not in pair.containers()
+
+
+def test_a_lab_on_another_data_port() -> None:
+    from vxnet.lab.topology import parse_spec
+
+    name = unique_lab_name("p")
+    spec = parse_spec(
+        {"name": name, "underlay": {"data_port": 4790}, "host": [{"name": "h1"}, {"name": "h2"}]}
+    )
+    with Lab(spec=spec) as lab:
+        lab.run("h1", "a", "front", "idle")
+        lab.run("h2", "b", "front", "idle")
+        assert lab.client("h1").get("/info")["data_port"] == 4790
+        r = lab.exec("b", ["ping", "-c", "2", "-i", "0.2", "-W", "2", lab.ip("a")])
+        assert r.returncode == 0, r.stdout
+        sockets = lab.exec_host("h1", ["ss", "-uln"]).stdout
+        assert "192.168.100.11:4790" in sockets and ":4789" not in sockets

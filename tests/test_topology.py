@@ -40,6 +40,11 @@ def test_two_networks_file() -> None:
     assert spec.containers[0].ip == "10.10.1.2"
 
 
+def test_data_port() -> None:
+    assert parse_spec({"underlay": {"data_port": 4790}}).data_port == 4790
+    assert parse_spec({}).data_port == 4789
+
+
 def test_defaults() -> None:
     spec = default_spec("x", 4)
     assert [h.name for h in spec.hosts] == ["h1", "h2", "h3", "h4"]
@@ -68,6 +73,7 @@ def test_defaults() -> None:
         ({"network": [{"name": "a", "subnet": "10.0.0.0/24", "vni": "x"}]}, "must be a int"),
         ({"container": [{"name": "c", "host": "h7", "network": "front"}]}, "no host"),
         ({"underlay": {"mtu": 100}}, "mtu must be"),
+        ({"underlay": {"data_port": 80}}, "data_port must be"),
     ],
 )
 def test_bad_lab_files_are_explained(data: dict[str, Any], needle: str) -> None:

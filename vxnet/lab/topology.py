@@ -5,6 +5,7 @@ name = "mylab"                       # optional; `vxnet lab up --name` wins
 [underlay]
 subnet = "192.168.100.0/24"          # host k gets .10+k unless it names an address
 mtu = 1500
+data_port = 4789                     # VXLAN's UDP port (Docker: --data-path-port)
 [[host]]
 name = "h1"
 [[network]]
@@ -143,10 +144,13 @@ def parse_spec(
     underlay_mtu = _get(underlay_t, "mtu", int, f"{source} [underlay]", 1500)
     if not 576 <= underlay_mtu <= 9000:
         raise UsageError(f"{source} [underlay]: mtu must be 576-9000")
+    data_port = _get(underlay_t, "data_port", int, f"{source} [underlay]", 4789)
+    if not 1024 <= data_port <= 49151 and data_port != 4789:
+        raise UsageError(f"{source} [underlay]: data_port must be 4789 or 1024-49151 (as Docker)")
     host_specs = _parse_hosts(data.get("host", []), underlay, hosts, source)
     networks = _parse_networks(data.get("network"), underlay_mtu, source)
     containers = _parse_containers(data.get("container", []), host_specs, networks, source)
-    return LabSpec(lab_name, host_specs, networks, containers, underlay, underlay_mtu)
+    return LabSpec(lab_name, host_specs, networks, containers, underlay, underlay_mtu, data_port)
 
 
 def _parse_hosts(
