@@ -12,7 +12,7 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
@@ -112,21 +112,30 @@ def add_route(ns: str, dst: str, gateway: str | None = None, ifname: str | None 
         ip.route("add", **kwargs)
 
 
-def sysctl(ns: str, key: str, value: str) -> None:
-    """Write a ``net.*`` sysctl inside namespace ``ns`` (via ``ip netns exec``'s /proc view)."""
-    path = "/proc/sys/" + key.replace(".", "/")
+def run_in(ns: str, action: Callable[[], object], what: str) -> None:
+    """Run ``action`` in a forked child that has entered namespace ``ns``.
+
+    For the few kernel calls that act on "the namespace I am in" (sysctls, ethtool ioctls):
+    the caller's own namespace, and its threads', stay untouched.
+    """
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
             netns.setns(ns)
-            Path(path).write_text(value)
+            action()
             code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise LabError(f"could not set {key}={value} in {ns}")
+        raise LabError(f"could not {what} in namespace {ns}")
+
+
+def sysctl(ns: str, key: str, value: str) -> None:
+    """Write a ``net.*`` sysctl inside namespace ``ns``."""
+    path = Path("/proc/sys/" + key.replace(".", "/"))
+    run_in(ns, lambda: path.write_text(value), f"set {key}={value}")
 
 
 def enter(name: str) -> None:

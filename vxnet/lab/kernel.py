@@ -29,7 +29,6 @@ import array
 import contextlib
 import fcntl
 import ipaddress
-import os
 import re
 import socket
 import struct
@@ -175,21 +174,14 @@ def add_kernel_vtep_host(
 
 def _tx_checksum_off(ns: str, ifname: str) -> None:
     """``ethtool -K IFNAME tx off`` inside ``ns`` (no ethtool binary needed: one ioctl)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            netns.enter(ns)
-            value = array.array("I", [ETHTOOL_STXCSUM, 0])  # struct ethtool_value {cmd, data}
-            ifreq = struct.pack("16sP16x", ifname.encode(), value.buffer_info()[0])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                fcntl.ioctl(s, SIOCETHTOOL, ifreq)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise LabError(f"could not turn TX checksum offload off on {ifname} in {ns}")
+
+    def ioctl() -> None:
+        value = array.array("I", [ETHTOOL_STXCSUM, 0])  # struct ethtool_value {cmd, data}
+        ifreq = struct.pack("16sP16x", ifname.encode(), value.buffer_info()[0])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s, SIOCETHTOOL, ifreq)
+
+    netns.run_in(ns, ioctl, f"turn TX checksum offload off on {ifname}")
 
 
 def _build_vtep(ns: str, address: str, vni: int, mtu: int, lab: Lab | None) -> KernelVtep:
