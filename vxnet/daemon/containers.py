@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,28 @@ def image_argv(image: str, cmd: list[str]) -> list[str]:
     return [sys.executable, "-m", "vxnet.images", image]
 
 
-@dataclass
-class Container:
-    name: str
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One interface of a container: ``eth<index>`` on ``network``."""
+
     network: str
     ip: str
     mac: str
+    ifname: str
+
+    def port_id(self, container: str) -> str:
+        return f"{container}/{self.ifname}"
+
+
+@dataclass
+class Container:
+    name: str
+    endpoints: list[Endpoint]
     netns: str
     image: str
     cmd: list[str]
+    task_id: str | None = None  # set for a swarm task, None for a standalone container
+    attached: bool = False  # a standalone container on a swarm network (the manager's address)
     pid: int = 0
     created: float = field(default_factory=time.time)
     exit_code: int | None = None
@@ -73,36 +86,60 @@ class Container:
             if code is not None:
                 self.exit_code = code
 
+    @property
+    def network(self) -> str:
+        return self.endpoints[0].network
+
+    @property
+    def ip(self) -> str:
+        return self.endpoints[0].ip
+
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "proc"}
-        out["status"] = self.status
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("proc",)}
+        out["endpoints"] = [asdict(e) for e in self.endpoints]
+        first = self.endpoints[0]
+        out.update(network=first.network, ip=first.ip, mac=first.mac, status=self.status)
         return out
 
 
 def create_container(
-    ns_prefix: str, name: str, spec: NetworkSpec, ip: ipaddress.IPv4Address
-) -> tuple[str, int]:
-    """Build the namespace and its TAP ``eth0``; return (netns name, TAP fd held by us)."""
+    ns_prefix: str, name: str, attach: list[tuple[NetworkSpec, ipaddress.IPv4Address]]
+) -> tuple[str, list[tuple[Endpoint, int]]]:
+    """Build the namespace with one TAP per network (``eth0``, ``eth1``, ...).
+
+    Returns the namespace name and, per endpoint, the TAP fd the daemon now holds.  The default
+    route goes through the first network's gateway, as Docker's first network does.
+    """
     ns = ns_prefix + name
-    mac = endpoint_mac(ip)
-    tap = "vxt" + secrets.token_hex(4)
     netns.create(ns)
-    fd = -1
+    made: list[tuple[Endpoint, int]] = []
     try:
         netns.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")  # an IPv4-only network, as Docker
-        fd = open_tap(tap)
-        netns.set_link(None, tap, net_ns_fd=ns)
-        netns.set_link(ns, tap, ifname="eth0")
-        netns.set_link(ns, "eth0", address=mac.hex(":"), mtu=spec.mtu)
-        netns.add_address(ns, "eth0", str(ip), spec.subnet.prefixlen)
-        netns.set_link(ns, "eth0", state="up")
-        netns.add_route(ns, "0.0.0.0/0", gateway=str(spec.gateway))
+        for index, (spec, ip) in enumerate(attach):
+            endpoint = Endpoint(spec.name, str(ip), endpoint_mac(ip).hex(":"), f"eth{index}")
+            made.append((endpoint, _add_tap(ns, endpoint, spec)))
+        netns.add_route(ns, "0.0.0.0/0", gateway=str(attach[0][0].gateway))
     except Exception:
-        if fd >= 0:
+        for _, fd in made:
             os.close(fd)
         netns.remove(ns)
         raise
-    return ns, fd
+    return ns, made
+
+
+def _add_tap(ns: str, endpoint: Endpoint, spec: NetworkSpec) -> int:
+    tap = "vxt" + secrets.token_hex(4)
+    fd = open_tap(tap)
+    try:
+        netns.set_link(None, tap, net_ns_fd=ns)
+        netns.set_link(ns, tap, ifname=endpoint.ifname)
+        netns.set_link(ns, endpoint.ifname, address=endpoint.mac, mtu=spec.mtu)
+        netns.add_address(ns, endpoint.ifname, endpoint.ip, spec.subnet.prefixlen)
+        netns.set_link(ns, endpoint.ifname, state="up")
+    except Exception:
+        os.close(fd)
+        raise
+    return fd
 
 
 def start_process(ns: str, name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:

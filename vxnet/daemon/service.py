@@ -14,7 +14,7 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -88,6 +88,16 @@ def parse_network(body: Any) -> NetworkSpec:
     return NetworkSpec(name=name, vni=vni, subnet=subnet, gateway=gateway, mtu=mtu)
 
 
+class Attacher(Protocol):
+    """How a swarm node gets an address on a swarm network for a standalone container."""
+
+    async def attach(
+        self, container: str, network: str, ip: str | None
+    ) -> tuple[NetworkSpec, ipaddress.IPv4Address]: ...
+
+    async def detach(self, container: str) -> None: ...
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig, dataplane: Dataplane) -> None:
         self.config = config
@@ -95,6 +105,7 @@ class Daemon:
         self.networks: dict[str, NetworkSpec] = {}
         self.containers: dict[str, ctr.Container] = {}
         self._lock = trio.Lock()  # serialises changes to networks and containers
+        self.attacher: Attacher | None = None  # set when the node is in a swarm
         self.router = Router()
         self._routes()
 
@@ -169,7 +180,11 @@ class Daemon:
     async def remove_network(self, req: Request) -> Any:
         async with self._lock:
             spec = self._network(req.params["name"])
-            users = [c.name for c in self.containers.values() if c.network == spec.name]
+            users = [
+                c.name
+                for c in self.containers.values()
+                if any(e.network == spec.name for e in c.endpoints)
+            ]
             if users:
                 raise Conflict(
                     f"network {spec.name} has active endpoints ({', '.join(users)}): "
@@ -196,35 +211,85 @@ class Daemon:
         cmd = _field(body, "cmd", list, required=False) or []
         if not all(isinstance(a, str) for a in cmd):
             raise UsageError("field 'cmd' must be a list of strings")
+        network = _field(body, "network", str)
+        wanted = _field(body, "ip", str, required=False)
+        if network not in self.networks and self.attacher is not None:
+            # a swarm network: the manager decides (attachable?) and gives the address
+            if name in self.containers:
+                raise Conflict(f'the container name "{name}" is already in use')
+            spec, ip = await self.attacher.attach(name, network, wanted)
+            try:
+                container = await self.start_container(name, [(spec, ip)], image, cmd)
+            except BaseException:
+                await self.attacher.detach(name)
+                raise
+            container.attached = True
+            return container.to_json()
+        spec = self._network(network)
+        async with self._lock:
+            ip = self._pick_ip(spec, wanted)
+        return (await self.start_container(name, [(spec, ip)], image, cmd)).to_json()
+
+    async def start_container(
+        self,
+        name: str,
+        attach: list[tuple[NetworkSpec, ipaddress.IPv4Address]],
+        image: str,
+        cmd: list[str],
+        task_id: str | None = None,
+    ) -> ctr.Container:
+        """Namespace, one TAP per network handed to the dataplane, then the process."""
         argv = ctr.image_argv(image, cmd)
         async with self._lock:
             if name in self.containers:
                 raise Conflict(f'the container name "{name}" is already in use')
-            spec = self._network(_field(body, "network", str))
-            ip = self._pick_ip(spec, _field(body, "ip", str, required=False))
-            ns, fd = await trio.to_thread.run_sync(
-                ctr.create_container, self.config.ns_prefix, name, spec, ip
+            ns, made = await trio.to_thread.run_sync(
+                ctr.create_container, self.config.ns_prefix, name, attach
             )
-            mac = endpoint_mac(ip)
-            await self._program(AddPort(spec.vni, name, fd, mac, ip))
-            container = ctr.Container(name, spec.name, str(ip), mac.hex(":"), ns, image, cmd)
+            for (spec, ip), (endpoint, fd) in zip(attach, made, strict=True):
+                await self._program(
+                    AddPort(spec.vni, endpoint.port_id(name), fd, endpoint_mac(ip), ip)
+                )
+            endpoints = [e for e, _ in made]
+            container = ctr.Container(name, endpoints, ns, image, cmd, task_id)
             log_path = self.config.state_dir / "containers" / f"{name}.log"
             try:
                 container.proc = await trio.to_thread.run_sync(
                     ctr.start_process, ns, name, argv, log_path
                 )
-            except Exception:
-                await self._program(RemovePort(name))
+            except BaseException:
+                for endpoint in endpoints:
+                    await self._program(RemovePort(endpoint.port_id(name)))
                 await trio.to_thread.run_sync(netns.remove, ns)
                 raise
             container.pid = container.proc.pid
             self.containers[name] = container
-        log.info("container %s on %s ip %s image %s", name, spec.name, ip, image)
-        return container.to_json()
+        log.info(
+            "container %s on %s image %s%s",
+            name,
+            ", ".join(f"{e.network} {e.ip}" for e in endpoints),
+            image,
+            f" (task {task_id})" if task_id else "",
+        )
+        return container
+
+    async def destroy(self, name: str) -> None:
+        """Kill a container's processes, release its TAPs, delete its namespace."""
+        async with self._lock:
+            c = self._container(name)
+            for endpoint in c.endpoints:
+                await self._program(RemovePort(endpoint.port_id(c.name)))
+            await trio.to_thread.run_sync(ctr.destroy_container, c)
+            del self.containers[c.name]
+        if c.attached and self.attacher is not None:
+            await self.attacher.detach(c.name)
 
     def _pick_ip(self, spec: NetworkSpec, wanted: str | None) -> ipaddress.IPv4Address:
         used = {
-            ipaddress.IPv4Address(c.ip) for c in self.containers.values() if c.network == spec.name
+            ipaddress.IPv4Address(e.ip)
+            for c in self.containers.values()
+            for e in c.endpoints
+            if e.network == spec.name
         }
         used.add(spec.gateway)
         used |= {
@@ -259,16 +324,18 @@ class Daemon:
 
     async def remove_container(self, req: Request) -> Any:
         force = req.query.get("force") in ("1", "true")
-        async with self._lock:
-            c = self._container(req.params["name"])
-            c.poll()
-            if c.exit_code is None and not force:
-                raise Conflict(
-                    f"cannot remove container {c.name}: it is running; stop it or use `rm -f`"
-                )
-            await self._program(RemovePort(c.name))
-            await trio.to_thread.run_sync(ctr.destroy_container, c)
-            del self.containers[c.name]
+        c = self._container(req.params["name"])
+        c.poll()
+        if c.task_id is not None:
+            raise Conflict(
+                f"container {c.name} is a task of service {c.name.split('.')[0]}: "
+                "scale or remove the service instead"
+            )
+        if c.exit_code is None and not force:
+            raise Conflict(
+                f"cannot remove container {c.name}: it is running; stop it or use `rm -f`"
+            )
+        await self.destroy(c.name)
         return {"removed": c.name}
 
     async def list_fdb(self, req: Request) -> Any:

@@ -153,7 +153,9 @@ class Lab:
         if network not in nets:
             raise NotFound(f"network {network} not found")
         subnet = ipaddress.IPv4Network(nets[network]["subnet"])
-        used = {c["ip"] for c in existing.values() if c["network"] == network}
+        used = {
+            e["ip"] for c in existing.values() for e in c["endpoints"] if e["network"] == network
+        }
         used.add(str(next(subnet.hosts())))  # the gateway
         for row in self.client(self.hosts[0]).get("/fdb"):
             if row["network"] == network:
@@ -170,28 +172,35 @@ class Lab:
             self.sync_peers()
 
     def sync_peers(self) -> None:
-        """Make every host's lab-origin FDB equal to the other hosts' containers."""
-        every = self.containers()
+        """Make every host's lab-origin FDB equal to the other hosts' container endpoints.
+
+        Only networks the host has programmed are touched (in a swarm, a node learns a network
+        when it first runs a task on it).  The gossip issue replaces this with overlay_peer_table.
+        """
+        endpoints = [
+            dict(e, host=c["host"]) for c in self.containers().values() for e in c["endpoints"]
+        ]
         for host in self.hosts:
             cl = self.client(host)
-            want = {(c["network"], c["mac"]): c for c in every.values() if c["host"] != host}
+            local_nets = {n["name"] for n in cl.get("/networks")}
+            want = {
+                (e["network"], e["mac"]): e
+                for e in endpoints
+                if e["host"] != host and e["network"] in local_nets
+            }
             have = {(r["network"], r["mac"]): r for r in cl.get("/fdb") if r["origin"] == "lab"}
             for key in have.keys() - want.keys():
                 cl.delete(f"/fdb/{key[0]}/{key[1]}")
-            for key, c in want.items():
-                vtep = self.host_address(c["host"])
+            for key, e in want.items():
+                vtep = self.data_address(e["host"])
                 row = have.get(key)
-                if row is None or row["vtep"] != vtep or row["ip"] != c["ip"]:
-                    cl.post(
-                        "/fdb",
-                        {
-                            "network": c["network"],
-                            "mac": c["mac"],
-                            "ip": c["ip"],
-                            "vtep": vtep,
-                            "origin": "lab",
-                        },
-                    )
+                if row is None or row["vtep"] != vtep or row["ip"] != e["ip"]:
+                    body = {"network": e["network"], "mac": e["mac"], "ip": e["ip"], "vtep": vtep}
+                    cl.post("/fdb", dict(body, origin="lab"))
+
+    def data_address(self, host: str) -> str:
+        """The host's VTEP address (its data-path address)."""
+        return str(self.state["hosts"][host].get("data_path_addr") or self.host_address(host))
 
     def exec(
         self, name: str, argv: Sequence[str], timeout: float = 60.0, check: bool = False
