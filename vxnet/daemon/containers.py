@@ -71,6 +71,7 @@ class Container:
     cmd: list[str]
     task_id: str | None = None  # set for a swarm task, None for a standalone container
     attached: bool = False  # a standalone container on a swarm network (the manager's address)
+    reported: bool = False  # its exit has been reported to the manager
     pid: int = 0
     created: float = field(default_factory=time.time)
     exit_code: int | None = None
@@ -88,17 +89,17 @@ class Container:
 
     @property
     def network(self) -> str:
-        return self.endpoints[0].network
+        return self.endpoints[0].network if self.endpoints else ""
 
     @property
     def ip(self) -> str:
-        return self.endpoints[0].ip
+        return self.endpoints[0].ip if self.endpoints else ""
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("proc",)}
         out["endpoints"] = [asdict(e) for e in self.endpoints]
-        first = self.endpoints[0]
-        out.update(network=first.network, ip=first.ip, mac=first.mac, status=self.status)
+        mac = self.endpoints[0].mac if self.endpoints else ""
+        out.update(network=self.network, ip=self.ip, mac=mac, status=self.status)
         return out
 
 
@@ -118,7 +119,8 @@ def create_container(
         for index, (spec, ip) in enumerate(attach):
             endpoint = Endpoint(spec.name, str(ip), endpoint_mac(ip).hex(":"), f"eth{index}")
             made.append((endpoint, _add_tap(ns, endpoint, spec)))
-        netns.add_route(ns, "0.0.0.0/0", gateway=str(attach[0][0].gateway))
+        if attach:  # a task on no network has only its loopback, as in Docker (gwbridge aside)
+            netns.add_route(ns, "0.0.0.0/0", gateway=str(attach[0][0].gateway))
     except Exception:
         for _, fd in made:
             os.close(fd)

@@ -21,6 +21,8 @@ import trio
 from vxnet import __version__, netns
 from vxnet.daemon import containers as ctr
 from vxnet.daemon.http import Request, Router, serve_http
+from vxnet.daemon.localnets import LocalNetworks
+from vxnet.daemon.swarm import Swarm
 from vxnet.dataplane.engine import Dataplane
 from vxnet.dataplane.tables import (
     DEFAULT_MTU,
@@ -106,12 +108,40 @@ class Daemon:
         self.containers: dict[str, ctr.Container] = {}
         self._lock = trio.Lock()  # serialises changes to networks and containers
         self.attacher: Attacher | None = None  # set when the node is in a swarm
+        self.swarm_networks: set[str] = set()  # networks programmed from the manager
         self.router = Router()
         self._routes()
+        self.localnets = LocalNetworks(config.state_dir / "local-networks.json")
+        self.swarm = Swarm(self)
 
-    async def _program(self, update: TableUpdate) -> None:
+    async def program(self, update: TableUpdate) -> None:
+        """Hand one table update to the dataplane thread and wait until it is applied."""
         seq = self.dataplane.submit(update)
         await trio.to_thread.run_sync(self.dataplane.wait_applied, seq)
+
+    _program = program
+
+    async def ensure_network(self, spec: NetworkSpec) -> None:
+        """Program a swarm network (idempotent; a changed definition replaces the old one)."""
+        async with self._lock:
+            current = self.networks.get(spec.name)
+            if current == spec:
+                return
+            if current is not None and current.vni != spec.vni:
+                await self.program(RemoveNetwork(current.vni))
+            await self.program(AddNetwork(spec))
+            self.networks[spec.name] = spec
+            self.swarm_networks.add(spec.name)
+
+    async def prune_networks(self, keep: set[str]) -> None:
+        """Remove swarm networks not in ``keep`` that no local container uses any more."""
+        async with self._lock:
+            in_use = {e.network for c in self.containers.values() for e in c.endpoints}
+            for name in sorted(self.swarm_networks - keep - in_use):
+                spec = self.networks.pop(name, None)
+                self.swarm_networks.discard(name)
+                if spec is not None:
+                    await self.program(RemoveNetwork(spec.vni))
 
     def _network(self, name: str) -> NetworkSpec:
         spec = self.networks.get(name)
@@ -142,6 +172,10 @@ class Daemon:
         r.route("POST", "/fdb")(self.add_fdb)
         r.route("DELETE", "/fdb/{network}/{mac}")(self.remove_fdb)
         r.route("GET", "/dataplane/stats")(self.stats)
+        r.route("GET", "/local-networks")(self.list_local_networks)
+        r.route("POST", "/local-networks")(self.create_local_network)
+        r.route("GET", "/local-networks/{name}")(self.inspect_local_network)
+        r.route("DELETE", "/local-networks/{name}")(self.remove_local_network)
 
     async def info(self, req: Request) -> Any:
         c = self.config
@@ -338,6 +372,28 @@ class Daemon:
         await self.destroy(c.name)
         return {"removed": c.name}
 
+    async def list_local_networks(self, req: Request) -> Any:
+        return list(self.localnets.items.values())
+
+    async def create_local_network(self, req: Request) -> Any:
+        body = req.body
+        options = _field(body, "options", dict, required=False) or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in options.items()):
+            raise UsageError("options must map strings to strings")
+        return self.localnets.create(
+            _field(body, "name", str),
+            _field(body, "subnet", str, required=False),
+            _field(body, "gateway", str, required=False),
+            options,
+        )
+
+    async def inspect_local_network(self, req: Request) -> Any:
+        return self.localnets.get(req.params["name"])
+
+    async def remove_local_network(self, req: Request) -> Any:
+        self.localnets.remove(req.params["name"])
+        return {"removed": req.params["name"]}
+
     async def list_fdb(self, req: Request) -> Any:
         return self.dataplane.fdb()
 
@@ -409,6 +465,7 @@ async def _serve(daemon: Daemon, config: DaemonConfig) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_http, daemon.router, listener)
         nursery.start_soon(daemon.reap)
+        await daemon.swarm.resume(nursery)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal %d: shutting down", signum)

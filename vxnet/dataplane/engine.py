@@ -18,7 +18,7 @@ import threading
 from typing import Any
 
 from vxnet.dataplane.switch import Switch
-from vxnet.dataplane.tables import AddPort, TableUpdate
+from vxnet.dataplane.tables import AddPort, SetUnderlay, TableUpdate
 from vxnet.errors import VxnetError
 
 BATCH = 256  # frames drained per readiness event before looking at other fds
@@ -36,15 +36,7 @@ class Dataplane:
     def __init__(self, underlay_addr: str, data_port: int = 4789) -> None:
         self.underlay_addr = underlay_addr
         self.data_port = data_port
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            self._sock.bind((underlay_addr, data_port))
-        except OSError:
-            self._sock.close()
-            raise
-        self._sock.setblocking(False)
+        self._sock = _underlay_socket(underlay_addr, data_port)
         self.switch = Switch(os.write, self._send, data_port)
         self._pending: collections.deque[TableUpdate] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -58,6 +50,18 @@ class Dataplane:
         self._submitted = 0
         self._watched: set[int] = set()
         self.update_errors = 0  # updates the switch refused (the daemon validates first)
+
+    def _rebind(self, update: SetUnderlay) -> None:
+        """Runs in the dataplane thread: swap the underlay socket, keep everything else."""
+        if (update.address, update.port) == (self.underlay_addr, self.data_port):
+            return
+        new = _underlay_socket(update.address, update.port)  # OSError leaves the old one
+        self._epoll.unregister(self._sock.fileno())
+        self._sock.close()
+        self._sock = new
+        self._epoll.register(new.fileno(), select.EPOLLIN)
+        self.underlay_addr, self.data_port = update.address, update.port
+        self.switch.set_data_port(update.port)
 
     def _send(self, parts: Any, addr: tuple[str, int]) -> int:
         return self._sock.sendmsg(parts, (), 0, addr)
@@ -97,14 +101,14 @@ class Dataplane:
     # ---------------------------------------------------------------------- the loop
 
     def _run(self) -> None:
-        sock_fd = self._sock.fileno()
         buf = bytearray(RECV_BUF)
         view = memoryview(buf)
-        recvfrom_into = self._sock.recvfrom_into
         switch = self.switch
         ports_by_fd = switch.ports_by_fd
         read = os.read
         while self._running:
+            sock_fd = self._sock.fileno()  # the socket changes only in _apply_pending, below
+            recvfrom_into = self._sock.recvfrom_into
             for fd, _events in self._epoll.poll(1.0):
                 if fd == sock_fd:
                     for _ in range(BATCH):
@@ -138,8 +142,12 @@ class Dataplane:
                     return
                 update = self._pending.popleft()
             try:
-                released = self.switch.apply(update)
-            except VxnetError:
+                if isinstance(update, SetUnderlay):
+                    self._rebind(update)
+                    released = []
+                else:
+                    released = self.switch.apply(update)
+            except (VxnetError, OSError):
                 self.update_errors += 1
                 released = [update.fd] if isinstance(update, AddPort) else []
             else:
@@ -159,6 +167,19 @@ class Dataplane:
 
     def fdb(self) -> list[dict[str, Any]]:
         return self.switch.fdb()
+
+
+def _underlay_socket(address: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _close_quietly(fd: int) -> None:

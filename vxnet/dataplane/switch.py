@@ -274,6 +274,12 @@ class Switch:
             self._remove_peer(update.vni, update.mac)
         return []
 
+    def set_data_port(self, port: int) -> None:
+        """Every remote VTEP is now reached on ``port`` (the cluster's data-path port)."""
+        self.data_port = port
+        for net in self.nets.values():
+            net.remote = {mac: (vtep, port) for mac, (vtep, _) in net.remote.items()}
+
     def _net(self, vni: int) -> Net:
         net = self.nets.get(vni)
         if net is None:

@@ -88,4 +88,12 @@ class RemovePeer:
     mac: bytes
 
 
-TableUpdate = AddNetwork | RemoveNetwork | AddPort | RemovePort | AddPeer | RemovePeer
+@dataclass(frozen=True, slots=True)
+class SetUnderlay:
+    """Move the VTEP: listen and send on ``address``:``port`` (``--data-path-addr``/``-port``)."""
+
+    address: str
+    port: int
+
+
+TableUpdate = AddNetwork | RemoveNetwork | AddPort | RemovePort | AddPeer | RemovePeer | SetUnderlay

@@ -1,0 +1,498 @@
+"""Swarm mode on a daemon: init, join, leave, and the cluster API routes.
+
+A node that runs ``swarm init`` becomes the manager: it opens the store, creates the cluster,
+serves 2377 and joins itself through the same agent session every other node uses.  A node that
+runs ``swarm join`` fetches the root CA without verification, checks it against the digest in
+the join token, presents the token with a CSR, and keeps the certificate it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from vxnet.daemon.agent import Agent, NodeFiles
+from vxnet.daemon.http import Request
+from vxnet.errors import BadPacket, Conflict, UsageError, VxnetError
+from vxnet.manager import networks as nets
+from vxnet.manager import pki, services, tokens
+from vxnet.manager.cluster import Cluster, parse_duration
+from vxnet.manager.proto import MANAGER_PORT, field_untrusted
+from vxnet.manager.server import Channel, Manager
+from vxnet.manager.store import Store
+
+if TYPE_CHECKING:
+    from vxnet.daemon.service import Daemon
+
+log = logging.getLogger("vxnet.swarm")
+
+NOT_MANAGER = (
+    "This node is not a swarm manager. Worker nodes can't be used to view or modify cluster "
+    "state. Please run this command on a manager node or promote the current node to a manager."
+)
+NOT_IN_SWARM = (
+    'This node is not a swarm manager. Use "vxnet swarm init" or "vxnet swarm join" to '
+    "connect this node to swarm and try again."
+)
+MANAGER_JOIN_NOTE = (
+    "vxnet supports one manager: joining with the manager token gives this node a manager "
+    "certificate and role, but no Raft replica of the store, so it adds no high availability."
+)
+
+
+class Swarm:
+    """The swarm side of one daemon (role, agent, and the manager when this node is one)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.files = NodeFiles(daemon.config.state_dir / "swarm")
+        self.agent: Agent | None = None
+        self.manager: Manager | None = None
+        self.store: Store | None = None
+        self._scopes: list[trio.CancelScope] = []
+        self.rng = random.Random()
+        self._routes()
+
+    # -------------------------------------------------------------------- life cycle
+
+    async def resume(self, nursery: trio.Nursery) -> None:
+        """After a restart: rejoin the swarm this node was in (and serve it, if manager)."""
+        self._nursery = nursery
+        if self.files.exists:
+            info = self.files.load()
+            await self._start(info)
+            log.info("resumed swarm membership as %s (node %s)", info["role"], info["node_id"])
+
+    async def _start(self, info: dict[str, Any]) -> None:
+        self._scopes = []
+        if info["role"] == "manager" and (self.files.directory / "manager.db").exists():
+            self.store = Store.open(self.files.directory / "manager.db")
+            cluster = Cluster(self.store, self.rng)
+            manager = Manager(cluster, self.files.read("node.crt"), self.files.read("node.key"))
+            self.manager = manager
+            await self._nursery.start(
+                self._supervise, "manager", self._manager_runner(manager, info)
+            )
+        agent = Agent(self.daemon, self.files)
+        self.agent = agent
+        self.daemon.attacher = agent
+        await self._nursery.start(self._supervise, "agent", agent.run)
+
+    @staticmethod
+    def _manager_runner(manager: Manager, info: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            await manager.serve(info["advertise_addr"], MANAGER_PORT)
+
+        return run
+
+    async def _supervise(
+        self,
+        what: str,
+        run: Callable[[], Awaitable[None]],
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run a background service until ``leave``; a bug in it is logged and it restarts."""
+        scope = trio.CancelScope()
+        self._scopes.append(scope)
+        task_status.started()
+        with scope:
+            while True:
+                try:
+                    await run()
+                except Exception:
+                    log.exception("%s failed; restarting it in 1 s", what)
+                await trio.sleep(1)
+
+    def _require_manager(self) -> Cluster:
+        if self.manager is None:
+            raise Conflict(NOT_MANAGER if self.files.exists else NOT_IN_SWARM)
+        return self.manager.cluster
+
+    def changed(self) -> None:
+        if self.manager is not None:
+            self.manager.changed()
+
+    # ------------------------------------------------------------------- init, join
+
+    async def init(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.files.exists:
+            raise Conflict(
+                'This node is already part of a swarm. Use "vxnet swarm leave" to '
+                "leave this swarm and join another one."
+            )
+        cfg = self.daemon.config
+        advertise = _text(body, "advertise_addr") or cfg.underlay_addr
+        data_path = _text(body, "data_path_addr") or advertise
+        port = body.get("data_path_port") or self.daemon.dataplane.data_port
+        pools = tuple(body.get("default_addr_pool") or ("10.0.0.0/8",))
+        interval = parse_duration(_text(body, "key_rotation_interval") or "12h")
+        cert_expiry = parse_duration(_text(body, "cert_expiry") or "2160h")
+        if cert_expiry < 10:
+            raise UsageError("--cert-expiry must be at least 10s (Docker's minimum is 1h)")
+        self.files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = Store.open(self.files.directory / "manager.db")
+        try:
+            now = time.time()
+            cluster = Cluster.initialize(
+                store,
+                self.rng,
+                now,
+                hostname=cfg.host,
+                advertise_addr=advertise,
+                data_path_addr=data_path,
+                data_port=int(port),
+                pools=pools,
+                mask_length=int(body.get("default_addr_pool_mask_length") or 24),
+                rotation_interval=interval,
+            )
+            cluster.info["node_cert_lifetime"] = cert_expiry
+            store.set_value("cluster", cluster.info)
+            nets.ensure_ingress(cluster, now)
+            key = pki.new_node_key()
+            issued = cluster.issue(
+                "manager", pki.make_csr(key), cfg.host, advertise, data_path, now
+            )
+        except BaseException:
+            store.close()
+            shutil.rmtree(self.files.directory, ignore_errors=True)
+            raise
+        store.close()
+        info = self._node_info(
+            issued.node_id,
+            "manager",
+            issued.cluster_id,
+            advertise,
+            data_path,
+            f"{advertise}:{MANAGER_PORT}",
+        )
+        self.files.save(info, key, issued.cert_pem, issued.ca_pem)
+        self.daemon.localnets.ensure_gwbridge()
+        await self._start(info)
+        return {
+            "node_id": issued.node_id,
+            "cluster_id": issued.cluster_id,
+            "worker_token": self._require_manager().token("worker"),
+            "manager_addr": info["manager"],
+        }
+
+    def _node_info(
+        self, node_id: str, role: str, cluster_id: str, advertise: str, data_path: str, manager: str
+    ) -> dict[str, Any]:
+        return {
+            "node_id": node_id,
+            "role": role,
+            "cluster_id": cluster_id,
+            "hostname": self.daemon.config.host,
+            "advertise_addr": advertise,
+            "data_path_addr": data_path,
+            "manager": manager,
+            "joined": time.time(),
+        }
+
+    async def join(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.files.exists:
+            raise Conflict(
+                'This node is already part of a swarm. Use "vxnet swarm leave" to '
+                "leave this swarm and join another one."
+            )
+        token = _text(body, "token")
+        remote = _text(body, "remote")
+        if not token or not remote:
+            raise UsageError("swarm join needs --token and the manager's address (HOST:2377)")
+        tokens.parse_token(token)
+        host, _, port_text = remote.rpartition(":")
+        if not host or not port_text.isdigit():
+            host, port_text = remote, str(MANAGER_PORT)
+        advertise = _text(body, "advertise_addr") or self.daemon.config.underlay_addr
+        data_path = _text(body, "data_path_addr") or advertise
+        ca = await _fetch_ca(host, int(port_text))
+        tokens.verify_ca(ca, token)  # TokenRefused: someone else's manager, or a wrong token
+        key = pki.new_node_key()
+        reply = await _converse(
+            host,
+            int(port_text),
+            pki.client_ssl_context(ca),
+            {
+                "type": "join",
+                "token": token,
+                "csr": pki.make_csr(key),
+                "hostname": self.daemon.config.host,
+                "advertise_addr": advertise,
+                "data_path_addr": data_path,
+            },
+        )
+        if reply.get("type") != "joined":
+            raise tokens.TokenRefused(f"the manager refused to join: {reply.get('message')}")
+        cert = field_untrusted(reply, "cert", bytes)
+        identity = pki.verify_node_cert(ca, cert, datetime.now(UTC))
+        info = self._node_info(
+            identity.node_id,
+            field_untrusted(reply, "role", str),
+            identity.cluster_id,
+            advertise,
+            data_path,
+            f"{host}:{port_text}",
+        )
+        self.files.save(info, key, cert, ca)
+        self.daemon.localnets.ensure_gwbridge()
+        await self._start(info)
+        out = {"node_id": identity.node_id, "role": info["role"], "cluster_id": identity.cluster_id}
+        if info["role"] == "manager":
+            out["note"] = MANAGER_JOIN_NOTE
+        return out
+
+    async def leave(self, force: bool) -> dict[str, Any]:
+        if not self.files.exists:
+            raise Conflict("This node is not part of a swarm")
+        info = self.files.load()
+        if info["role"] == "manager" and not force:
+            raise Conflict(
+                "You are attempting to leave the swarm on a node that is participating as a "
+                "manager. Removing the last manager erases all current state of the swarm. "
+                "Use `--force` to ignore this message."
+            )
+        for scope in self._scopes:
+            scope.cancel()
+        for c in list(self.daemon.containers.values()):
+            if c.task_id or c.attached:
+                await self.daemon.destroy(c.name)
+        await self.daemon.prune_networks(keep=set())
+        if self.store is not None:
+            self.store.close()
+        self.agent = self.manager = self.store = None
+        self.daemon.attacher = None
+        shutil.rmtree(self.files.directory, ignore_errors=True)
+        return {"left": info["node_id"]}
+
+    # ----------------------------------------------------------------------- routes
+
+    def _routes(self) -> None:
+        r = self.daemon.router
+        r.route("GET", "/swarm")(self.h_info)
+        r.route("POST", "/swarm/init")(lambda req: self.init(_body(req)))
+        r.route("POST", "/swarm/join")(lambda req: self.join(_body(req)))
+        r.route("POST", "/swarm/leave")(lambda req: self.leave(req.query.get("force") == "1"))
+        r.route("GET", "/swarm/join-token/{role}")(self.h_join_token)
+        r.route("POST", "/swarm/update")(self.h_update)
+        r.route("GET", "/swarm/keys")(self.h_keys)
+        r.route("GET", "/nodes")(self.h_nodes)
+        r.route("DELETE", "/nodes/{ref}")(self.h_node_rm)
+        r.route("GET", "/swarm/networks")(self.h_networks)
+        r.route("POST", "/swarm/networks")(self.h_network_create)
+        r.route("GET", "/swarm/networks/{ref}")(self.h_network_inspect)
+        r.route("DELETE", "/swarm/networks/{ref}")(self.h_network_rm)
+        r.route("GET", "/services")(self.h_services)
+        r.route("POST", "/services")(self.h_service_create)
+        r.route("GET", "/services/{ref}")(self.h_service_inspect)
+        r.route("GET", "/services/{ref}/tasks")(self.h_service_ps)
+        r.route("POST", "/services/{ref}/scale")(self.h_service_scale)
+        r.route("DELETE", "/services/{ref}")(self.h_service_rm)
+
+    async def h_info(self, req: Request) -> Any:
+        if not self.files.exists:
+            return {"state": "inactive"}
+        info = self.files.load()
+        agent = self.agent
+        out = {
+            "state": "active",
+            **info,
+            "is_manager": self.manager is not None,
+            "connected": bool(agent and agent.connected),
+            "last_error": agent.last_error if agent else "",
+            "agent": agent.counters if agent else {},
+        }
+        if self.manager is not None:
+            out["manager_counters"] = dict(self.manager.counters)
+            out["sessions"] = sorted(self.manager.sessions)
+        return out
+
+    async def h_join_token(self, req: Request) -> Any:
+        cluster = self._require_manager()
+        role = req.params["role"]
+        token = (
+            cluster.rotate_token(role) if req.query.get("rotate") == "1" else cluster.token(role)
+        )
+        return {
+            "role": role,
+            "token": token,
+            "manager": f"{cluster.managers()[0]['addr']}:{MANAGER_PORT}",
+            "note": MANAGER_JOIN_NOTE if role == "manager" else "",
+        }
+
+    async def h_update(self, req: Request) -> Any:
+        cluster = self._require_manager()
+        interval = _text(_body(req), "key_rotation_interval")
+        if interval:
+            cluster.set_rotation_interval(parse_duration(interval), time.time())
+        return {"key_rotation_interval": cluster.keys.interval}
+
+    async def h_keys(self, req: Request) -> Any:
+        agent = self.agent
+        if agent is None:
+            raise Conflict(NOT_IN_SWARM)
+        show = req.query.get("show") == "1"
+        return [{k: v for k, v in key.items() if show or k != "key"} for key in agent.keys]
+
+    async def h_nodes(self, req: Request) -> Any:
+        return self._require_manager().nodes()
+
+    async def h_node_rm(self, req: Request) -> Any:
+        cluster = self._require_manager()
+        node_id = cluster.remove_node(req.params["ref"], req.query.get("force") == "1")
+        services.reconcile(cluster, time.time())
+        self.changed()
+        return {"removed": node_id}
+
+    async def h_networks(self, req: Request) -> Any:
+        return self._require_manager().store.list("network")
+
+    async def h_network_create(self, req: Request) -> Any:
+        cluster = self._require_manager()
+        body = _body(req)
+        opts = body.get("options") or []
+        if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+            raise UsageError("options must be a list of KEY=VALUE strings")
+        net = nets.create_network(
+            cluster,
+            _text(body, "name"),
+            time.time(),
+            driver=_text(body, "driver") or "overlay",
+            attachable=bool(body.get("attachable")),
+            ingress=bool(body.get("ingress")),
+            subnet=_text(body, "subnet") or None,
+            gateway=_text(body, "gateway") or None,
+            ip_range=_text(body, "ip_range") or None,
+            options=nets.parse_options(opts),
+        )
+        self.changed()
+        return net
+
+    async def h_network_inspect(self, req: Request) -> Any:
+        cluster = self._require_manager()
+        net = nets.find_network(cluster, req.params["ref"])
+        return nets.inspect_network(cluster, net, verbose=req.query.get("verbose") == "1")
+
+    async def h_network_rm(self, req: Request) -> Any:
+        net = nets.remove_network(self._require_manager(), req.params["ref"])
+        self.changed()
+        return {"removed": net["name"]}
+
+    async def h_services(self, req: Request) -> Any:
+        return services.service_rows(self._require_manager())
+
+    async def h_service_create(self, req: Request) -> Any:
+        cluster = self._require_manager()
+        b = _body(req)
+        svc = services.create_service(
+            cluster,
+            time.time(),
+            name=_text(b, "name"),
+            image=_text(b, "image"),
+            cmd=_strings(b, "cmd"),
+            replicas=b.get("replicas"),
+            mode=_text(b, "mode") or "replicated",
+            networks=_strings(b, "networks"),
+            ports=_strings(b, "ports"),
+            endpoint_mode=_text(b, "endpoint_mode") or "vip",
+        )
+        self.changed()
+        return svc
+
+    async def h_service_inspect(self, req: Request) -> Any:
+        return services.find_service(self._require_manager(), req.params["ref"])
+
+    async def h_service_ps(self, req: Request) -> Any:
+        cluster = self._require_manager()
+        svc = services.find_service(cluster, req.params["ref"])
+        hosts = {n["id"]: n["hostname"] for n in cluster.store.list("node")}
+        return [
+            dict(t, node=hosts.get(t["node_id"], t["node_id"]))
+            for t in sorted(services.tasks_of(cluster, svc["id"]), key=lambda t: t["slot"])
+        ]
+
+    async def h_service_scale(self, req: Request) -> Any:
+        replicas = _body(req).get("replicas")
+        if not isinstance(replicas, int) or isinstance(replicas, bool):
+            raise UsageError("replicas must be a number")
+        svc = services.scale_service(
+            self._require_manager(), req.params["ref"], replicas, time.time()
+        )
+        self.changed()
+        return svc
+
+    async def h_service_rm(self, req: Request) -> Any:
+        svc = services.remove_service(self._require_manager(), req.params["ref"])
+        self.changed()
+        return {"removed": svc["name"]}
+
+
+def _body(req: Request) -> dict[str, Any]:
+    if req.body is None:
+        return {}
+    if not isinstance(req.body, dict):
+        raise UsageError("request body must be a JSON object")
+    return req.body
+
+
+def _text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UsageError(f"{key} must be a string")
+    return value
+
+
+def _strings(body: dict[str, Any], key: str) -> list[str]:
+    value = body.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{key} must be a list of strings")
+    return value
+
+
+async def _converse(
+    host: str, port: int, ctx: ssl.SSLContext, message: dict[str, Any]
+) -> dict[str, Any]:
+    """One request and its answer on a fresh TLS connection to the manager."""
+    try:
+        with trio.fail_after(15):
+            tcp = await trio.open_tcp_stream(host, port)
+            stream = trio.SSLStream(tcp, ctx, server_hostname=host)
+            channel = Channel(stream)
+            try:
+                await channel.send(message)
+                reply = await channel.receive()
+            finally:
+                await trio.aclose_forcefully(stream)
+    except (
+        OSError,
+        trio.BrokenResourceError,
+        trio.TooSlowError,
+        ssl.SSLError,
+        socket.gaierror,
+    ) as exc:
+        raise VxnetError(f"cannot reach the manager at {host}:{port}: {exc}") from None
+    except BadPacket as exc:
+        raise VxnetError(f"the manager at {host}:{port} sent garbage: {exc}") from None
+    if reply is None:
+        raise VxnetError(f"the manager at {host}:{port} closed the connection")
+    if reply.get("type") == "error":
+        raise tokens.TokenRefused(f"the manager refused: {reply.get('message')}")
+    return reply
+
+
+async def _fetch_ca(host: str, port: int) -> bytes:
+    """The root CA, fetched *without* verification: the join token's digest vouches for it."""
+    reply = await _converse(host, port, pki.client_ssl_context(None), {"type": "ca"})
+    if reply.get("type") != "ca":
+        raise VxnetError("the manager did not send its root CA")
+    return bytes(field_untrusted(reply, "ca", bytes))

@@ -1,0 +1,1 @@
+"""The swarm manager: persistent state, address allocation and task scheduling."""
