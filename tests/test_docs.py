@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -80,14 +81,17 @@ def test_lab_file_walkthrough() -> None:
             check=False,
         )
         assert ping.returncode == 0, ping.stdout + ping.stderr
-        mtu = subprocess.run(
-            [*vx, "--lab", "twonets", "-H", "h1", "network", "ls"],
+        inspect = subprocess.run(
+            [*vx, "--lab", "twonets", "network", "inspect", "db"],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
         )
-        assert re.search(r"db\s+overlay\s+5002\s+10.10.2.0/24\s+10.10.2.1\s+1400", mtu.stdout)
+        (db,) = json.loads(inspect.stdout)
+        assert db["IPAM"]["Config"][0] == {"Subnet": "10.10.2.0/24", "Gateway": "10.10.2.1"}
+        assert db["Options"]["com.docker.network.driver.overlay.vxlanid_list"] == "5002"
+        assert db["Options"]["com.docker.network.driver.mtu"] == "1400"
     finally:
         down = subprocess.run(
             [*vx, "lab", "down", "--name", "twonets"],

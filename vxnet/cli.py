@@ -7,6 +7,7 @@ Errors are printed as one line with what to do, and exit status 1; bad usage exi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -106,14 +107,17 @@ def lab() -> None:
 @lab.command("up")
 @click.option("--name", help="Lab name (letters/digits, default 'vxnet').")
 @click.option("--hosts", type=click.IntRange(1, 64), help="Number of hosts (default 3).")
+@click.option("--no-swarm", is_flag=True, help="Manual mode: no manager, the lab programs FDBs.")
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
-def lab_up(name: str | None, hosts: int | None, file: str | None) -> None:
-    """Build a lab: fabric, hosts h1..hN and one vxnet daemon per host."""
+def lab_up(name: str | None, hosts: int | None, no_swarm: bool, file: str | None) -> None:
+    """Build a lab: fabric, hosts h1..hN, a daemon each; swarm init on h1, the others join."""
     spec = (
         load_spec(Path(file), name, hosts)
         if file
         else default_spec(name or DEFAULT_LAB, hosts or 3)
     )
+    if no_swarm:
+        spec = dataclasses.replace(spec, swarm=False)
     t0 = time.monotonic()
     lab_obj = Lab(spec=spec)
     click.echo(
@@ -354,25 +358,6 @@ def stop(ctx: Ctx, containers: tuple[str, ...]) -> None:
 
 
 @cli.group(cls=VxnetGroup)
-def network() -> None:
-    """Networks programmed on a host."""
-
-
-@network.command("ls")
-@FORMAT
-@pass_ctx
-def network_ls(ctx: Ctx, fmt: str) -> None:
-    """List the networks of the addressed host."""
-    nets = ctx.client().get("/networks")
-    rows = [["NAME", "DRIVER", "VNI", "SUBNET", "GATEWAY", "MTU"]]
-    rows += [
-        [n["name"], "overlay", str(n["vni"]), n["subnet"], n["gateway"], str(n["mtu"])]
-        for n in nets
-    ]
-    _emit(nets, fmt, rows)
-
-
-@cli.group(cls=VxnetGroup)
 def fdb() -> None:
     """The forwarding database: MAC -> VTEP entries (like `bridge fdb` for kernel VXLAN)."""
 
@@ -469,6 +454,10 @@ def bench(duration: int, repeats: int, json_path: str | None) -> None:
     from bench.run import run_bench
 
     sys.exit(run_bench(duration=duration, repeats=repeats, json_path=json_path))
+
+
+# swarm, node, network and service commands register themselves on `cli`
+from vxnet import cli_swarm  # noqa: E402, F401
 
 
 def main() -> None:

@@ -1,13 +1,17 @@
 """``vxnet lab demo``: the guided tour.  Every check mark is earned by a verified result.
 
 Each step prints what it does, the command a user would type, and what was seen on the wire.
-The tour grows with each feature; today it covers the foundation: hosts, an overlay network,
-containers on different hosts, ping and HTTP across the overlay, a VXLAN packet decoded from the
-fabric, isolation between VNIs, and the dataplane's counters.
+The tour grows with each feature; today: a swarm formed with real tokens, ingress and
+docker_gwbridge, user overlays, a replicated service spread over hosts, a standalone container
+on an attachable network, ping and HTTP across the overlay, a VXLAN packet decoded from the
+fabric, isolation between networks, key rotation watched, a node failure handled, counters.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +21,7 @@ import click
 from vxnet.capture import explain, finish_capture, start_capture
 from vxnet.errors import VxnetError
 from vxnet.lab import Lab, builder
+from vxnet.lab.topology import default_spec
 
 LAB_NAME = "demo"
 
@@ -59,7 +64,8 @@ def run_demo(keep: bool = False, step: bool = False) -> int:
     builder.down(LAB_NAME)  # a previous --keep run may still be up
     t0 = time.monotonic()
     tour = Tour(step)
-    lab = Lab(hosts=3, name=LAB_NAME)
+    spec = dataclasses.replace(default_spec(LAB_NAME, 3), networks=())
+    lab = Lab(spec=spec)
     try:
         _tour(tour, lab)
     finally:
@@ -83,123 +89,210 @@ def run_demo(keep: bool = False, step: bool = False) -> int:
 
 
 def _tour(tour: Tour, lab: Lab) -> None:
-    def hosts() -> tuple[bool, list[str]]:
-        lines = []
-        for h in lab.hosts:
-            info = lab.client(h).get("/info")
-            lines.append(
-                f"{h}: namespace {lab.host_netns(h)}, underlay {info['underlay_addr']}, "
-                f"daemon pid {info['pid']}, VXLAN on UDP {info['data_port']}"
-            )
-        return len(lines) == 3, lines
+    mgr = lab.manager
 
-    tour.step(
-        "Three hosts on an underlay fabric, a vxnet daemon on each",
-        f"vxnet lab up --name {LAB_NAME} --hosts 3",
-        hosts,
-    )
-
-    def networks() -> tuple[bool, list[str]]:
-        nets = lab.client("h1").get("/networks")
+    def swarm() -> tuple[bool, list[str]]:
+        nodes = mgr.get("/nodes")
+        token = mgr.get("/swarm/join-token/worker")["token"]
         lines = [
-            f"{n['name']}: subnet {n['subnet']}, VNI {n['vni']}, MTU {n['mtu']} "
-            "(1500 - 50 of VXLAN)"
-            for n in nets
+            f"{n['hostname']}: {n['status']}, {n['role']} {n['manager_status']}".rstrip()
+            for n in nodes
         ]
-        return {n["vni"] for n in nets} == {4097, 4098}, lines
+        lines.append(f"worker token: {token[:24]}... (digest of the root CA + a secret)")
+        ss = lab.exec_host("h1", ["ss", "-ltn"]).stdout
+        listening = f"{lab.host_address('h1')}:2377" in ss
+        lines.append(f"h1 listens on {lab.host_address('h1')}:2377 (mutual TLS): {listening}")
+        ok = len(nodes) == 3 and all(n["status"] == "ready" for n in nodes) and listening
+        return ok, lines
 
     tour.step(
-        "Two overlay networks, each its own VXLAN segment (VNI >= 4096, as Docker)",
-        "vxnet -H h1 network ls",
-        networks,
+        "A swarm: h1 runs `swarm init`, h2 and h3 join with the real token",
+        "vxnet swarm init; vxnet -H h2 swarm join --token SWMTKN-1-... h1:2377",
+        swarm,
     )
 
-    def containers() -> tuple[bool, list[str]]:
-        lab.run("h1", "web1", "front", "whoami")
-        lab.run("h2", "client", "front", "idle")
-        lab.run("h3", "other", "back", "idle")
-        cs = lab.containers()
+    def defaults() -> tuple[bool, list[str]]:
+        (ingress,) = [n for n in mgr.get("/swarm/networks") if n["ingress"]]
+        bridges = {h: [n["Name"] for n in lab.client(h).get("/local-networks")] for h in lab.hosts}
+        lines = [f"ingress: overlay, subnet {ingress['subnet']}, VNI {ingress['vni']}"]
+        lines += [f"{h}: local bridge networks {b}" for h, b in bridges.items()]
+        ok = ingress["vni"] >= 4096 and all("docker_gwbridge" in b for b in bridges.values())
+        return ok, lines
+
+    tour.step(
+        "Joining created `ingress` (overlay) and `docker_gwbridge` (bridge) on every node",
+        "vxnet network ls",
+        defaults,
+    )
+
+    def overlay() -> tuple[bool, list[str]]:
+        app = mgr.post("/swarm/networks", {"name": "appnet", "attachable": True})
+        other = mgr.post("/swarm/networks", {"name": "othernet", "attachable": True})
         lines = [
-            f"{c['name']} on {c['host']}: {c['ip']} mac {c['mac']} ({c['network']})"
-            for c in cs.values()
+            f"{n['name']}: subnet {n['subnet']}, gateway {n['gateway']}, VNI {n['vni']}, "
+            f"MTU {n['mtu']} (1500 - 50 of VXLAN)"
+            for n in (app, other)
         ]
-        fdb = lab.client("h2").get("/fdb")
-        lines += [
-            f"h2 FDB: {r['mac']} ({r['ip']}) -> VTEP {r['vtep']}  [programmed, never learned]"
-            for r in fdb
-            if r["network"] == "front"
-        ]
-        return len(cs) == 3 and any(r["ip"] == cs["web1"]["ip"] for r in fdb), lines
+        return app["vni"] != other["vni"] and app["mtu"] == 1450, lines
 
     tour.step(
-        "Containers on different hosts; every FDB programmed from the others",
-        "vxnet -H h1 run -d --name web1 --network front whoami",
-        containers,
+        "User-defined overlays get their own subnet and VNI from the manager",
+        "vxnet network create -d overlay --attachable appnet",
+        overlay,
     )
+
+    def service() -> tuple[bool, list[str]]:
+        mgr.post(
+            "/services", {"name": "web", "image": "whoami", "replicas": 3, "networks": ["appnet"]}
+        )
+        lab.converge()
+        tasks = mgr.get("/services/web/tasks")
+        lines = [
+            f"{t['container']} on {t['node']}: {t['state']}, {next(iter(t['addresses'].values()))}"
+            for t in tasks
+        ]
+        return {t["node"] for t in tasks} == set(lab.hosts), lines
+
+    tour.step(
+        "A replicated service: the scheduler spreads 3 tasks over the 3 nodes",
+        "vxnet service create --name web --replicas 3 --network appnet whoami",
+        service,
+    )
+
+    def standalone() -> tuple[bool, list[str]]:
+        c = lab.run("h2", "client", "appnet", "idle")
+        lab.run("h3", "outsider", "othernet", "idle")
+        return c["ip"].startswith("10."), [f"client on h2: {c['ip']} (address from the manager)"]
+
+    tour.step(
+        "A standalone container joins the attachable overlay",
+        "vxnet -H h2 run -d --name client --network appnet idle",
+        standalone,
+    )
+
+    web = [c for c in lab.containers().values() if c["name"].startswith("web.")]
 
     def ping() -> tuple[bool, list[str]]:
-        r = lab.exec("client", ["ping", "-c", "3", "-i", "0.2", "-W", "2", lab.ip("web1")])
-        lines = [ln for ln in r.stdout.splitlines() if "bytes from" in ln or "packet loss" in ln]
-        return r.returncode == 0 and " 0% packet loss" in r.stdout, lines
+        lines, ok = [], True
+        for c in web:
+            r = lab.exec("client", ["ping", "-c", "2", "-i", "0.2", "-W", "2", c["ip"]])
+            ok &= r.returncode == 0
+            rtt = [ln.split("time=")[1] for ln in r.stdout.splitlines() if "time=" in ln]
+            lines.append(
+                f"client -> {c['name']} on {c['host']} ({c['ip']}): "
+                f"{'ok' if r.returncode == 0 else 'LOST'} {' '.join(rtt)}"
+            )
+        return ok, lines
 
     tour.step(
-        "client (h2) pings web1 (h1) across the overlay",
-        "vxnet exec client -- ping -c 3 web1's-ip",
+        "client pings every task, on every host, across the overlay",
+        "vxnet exec client -- ping <task ip>",
         ping,
     )
 
     def wire() -> tuple[bool, list[str]]:
+        remote = next(c for c in web if c["host"] != "h2")
         proc = start_capture(lab.fabric_netns, "h2", count=1, timeout=5)
-        lab.exec("client", ["ping", "-c", "1", "-W", "2", lab.ip("web1")])
+        lab.exec("client", ["ping", "-c", "1", "-W", "2", remote["ip"]])
         frames = finish_capture(proc, 5)
         if not frames:
             return False, ["no VXLAN packet seen on the fabric"]
         lines = explain(frames[0])
-        return any("VNI 4097" in ln for ln in lines) and any("ICMP" in ln for ln in lines), lines
+        return any("VNI" in ln for ln in lines) and any("ICMP" in ln for ln in lines), lines
 
     tour.step(
         "The same ping on the wire: ICMP inside Ethernet inside VXLAN inside UDP",
-        f"vxnet capture on the fabric port of h2 (namespace {lab.fabric_netns})",
+        f"vxnet capture on h2's port of the fabric ({lab.fabric_netns})",
         wire,
     )
 
     def http() -> tuple[bool, list[str]]:
-        code = f"import urllib.request;print(urllib.request.urlopen('http://{lab.ip('web1')}/',timeout=5).read().decode())"
-        r = lab.exec("client", [sys.executable, "-c", code])
-        return "Hostname: web1" in r.stdout, r.stdout.strip().splitlines()
+        seen = set()
+        for c in web:
+            code = (
+                "import urllib.request;print(urllib.request.urlopen("
+                f"'http://{c['ip']}/',timeout=5).read().decode())"
+            )
+            out = lab.exec("client", [sys.executable, "-c", code]).stdout
+            seen |= {ln.split(": ")[1] for ln in out.splitlines() if ln.startswith("Hostname")}
+        return seen == {c["name"] for c in web}, [f"answered: {', '.join(sorted(seen))}"]
 
     tour.step(
-        "TCP across the overlay: HTTP to the whoami image on web1",
-        "vxnet exec client -- curl http://web1's-ip/",
+        "TCP across the overlay: every whoami task answers HTTP",
+        "vxnet exec client -- curl http://<task ip>/",
         http,
     )
 
     def isolation() -> tuple[bool, list[str]]:
-        before = lab.stats("h3")["networks"]["back"]["drops"].get("no_route_out", 0)
-        r = lab.exec("other", ["ping", "-c", "2", "-i", "0.2", "-W", "1", lab.ip("web1")])
-        after = lab.stats("h3")["networks"]["back"]["drops"].get("no_route_out", 0)
-        lines = [
-            f"ping from 'other' (network back, VNI 4098) to web1 (front): exit {r.returncode}",
-            f"h3 dropped and counted {after - before} frame(s) as no_route_out",
+        target = web[0]["ip"]
+        r = lab.exec("outsider", ["ping", "-c", "2", "-i", "0.2", "-W", "1", target])
+        return r.returncode != 0, [
+            f"outsider (othernet) -> {target} (appnet): "
+            f"{'unreachable' if r.returncode else 'REACHED'}"
         ]
-        return r.returncode != 0 and after > before, lines
 
     tour.step(
-        "Isolation: a container on another network cannot reach web1",
-        "vxnet exec other -- ping web1's-ip",
+        "Isolation: a container on another overlay cannot reach the service",
+        "vxnet exec outsider -- ping <task ip>",
         isolation,
     )
 
+    def keys() -> tuple[bool, list[str]]:
+        before = {h: _tags(lab, h) for h in lab.hosts}
+        mgr.post("/swarm/update", {"key_rotation_interval": "1s"})
+        time.sleep(2.5)
+        after = {h: _tags(lab, h) for h in lab.hosts}
+        mgr.post("/swarm/update", {"key_rotation_interval": "12h"})
+        lines = [f"{h}: tags {before[h]} -> {after[h]}" for h in lab.hosts]
+        same = len({tuple(t) for t in after.values()}) == 1
+        return same and after["h1"] != before["h1"], lines
+
+    tour.step(
+        "Key rotation watched: three keys per subsystem, the oldest dropped, same on every node",
+        "vxnet swarm update --key-rotation-interval 1s; vxnet -H h3 swarm keys",
+        keys,
+    )
+
+    def failure() -> tuple[bool, list[str]]:
+        pid = lab.state["hosts"]["h3"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        status = ""
+        while time.monotonic() - t0 < 15:
+            status = next(n["status"] for n in mgr.get("/nodes") if n["hostname"] == "h3")
+            tasks = mgr.get("/services/web/tasks")
+            if status == "down" and all(t["node"] != "h3" for t in tasks):
+                break
+            time.sleep(0.2)
+        took = time.monotonic() - t0
+        lines = [f"h3's daemon killed (kill -9); manager saw h3 {status} after {took:.1f}s"]
+        lines += [f"{t['container']} now on {t['node']}" for t in mgr.get("/services/web/tasks")]
+        return status == "down" and all(t["node"] != "h3" for t in tasks), lines
+
+    tour.step(
+        "A node fails: heartbeats stop, the manager marks it down and reschedules its task",
+        "kill -9 <h3 daemon>; vxnet node ls; vxnet service ps web",
+        failure,
+    )
+
     def stats() -> tuple[bool, list[str]]:
-        st = lab.stats("h1")["networks"]["front"]
+        st = lab.stats("h2")["networks"]["appnet"]
         lines = [
-            f"h1 front: rx {st['rx_frames']} frames / tx {st['tx_frames']} frames, "
+            f"h2 appnet: rx {st['rx_frames']} frames / tx {st['tx_frames']} frames, "
             f"ARP answered locally {st['arp_replies']}, drops {st['drops'] or 0}"
         ]
         return st["rx_frames"] > 0 and st["tx_frames"] > 0, lines
 
     tour.step(
         "Counters: every frame forwarded or dropped with a reason",
-        "vxnet -H h1 dataplane stats",
+        "vxnet -H h2 dataplane stats",
         stats,
+    )
+
+
+def _tags(lab: Lab, host: str) -> list[int]:
+    return sorted(
+        k["lamport_time"]
+        for k in lab.client(host).get("/swarm/keys")
+        if k["subsystem"] == "networking:ipsec"
     )

@@ -192,7 +192,10 @@ class Daemon:
         }
 
     async def list_networks(self, req: Request) -> Any:
-        return [_network_json(s) for s in self.networks.values()]
+        return [
+            dict(_network_json(s), swarm=s.name in self.swarm_networks)
+            for s in self.networks.values()
+        ]
 
     async def create_network(self, req: Request) -> Any:
         spec = parse_network(req.body)

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import ipaddress
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +28,7 @@ from typing import Any
 
 from vxnet import netns
 from vxnet.client import DaemonClient
-from vxnet.errors import Conflict, NotFound, UsageError
+from vxnet.errors import Conflict, LabError, NotFound, UsageError
 from vxnet.lab import builder
 from vxnet.lab.topology import LabSpec, default_spec, load_spec
 
@@ -42,6 +43,7 @@ class Lab:
         hosts: int = 3,
         name: str = "vxnet",
         spec: LabSpec | None = None,
+        swarm: bool = True,
         file: str | Path | None = None,
         *,
         _attach: bool = False,
@@ -52,7 +54,9 @@ class Lab:
             return
         if spec is None:
             spec = (
-                load_spec(Path(file), name=name, hosts=hosts) if file else default_spec(name, hosts)
+                load_spec(Path(file), name=name, hosts=hosts)
+                if file
+                else default_spec(name, hosts, swarm)
             )
         self.name = spec.name
         self.state = builder.up(spec)
@@ -141,7 +145,7 @@ class Lab:
                 raise Conflict(
                     f'the container name "{name}" is already in use (on {existing[name]["host"]})'
                 )
-            if ip is None:
+            if ip is None and not self.swarm:  # in a swarm the manager allocates
                 ip = self._free_ip(network, existing)
             body = {"name": name, "network": network, "image": image, "cmd": list(cmd), "ip": ip}
             created: dict[str, Any] = self.client(host).post("/containers", body)
@@ -197,6 +201,33 @@ class Lab:
                 if row is None or row["vtep"] != vtep or row["ip"] != e["ip"]:
                     body = {"network": e["network"], "mac": e["mac"], "ip": e["ip"], "vtep": vtep}
                     cl.post("/fdb", dict(body, origin="lab"))
+
+    @property
+    def swarm(self) -> bool:
+        return "swarm" in self.state
+
+    @property
+    def manager(self) -> DaemonClient:
+        """The swarm manager's daemon (the first host)."""
+        return self.client(self.state["swarm"]["manager"] if self.swarm else self.hosts[0])
+
+    def converge(self, timeout: float = 30.0) -> None:
+        """Wait until every host runs exactly the tasks the manager assigned it, then sync peers."""
+        deadline = time.monotonic() + timeout
+        while self.swarm:
+            want: dict[str, str] = {}
+            for svc in self.manager.get("/services"):
+                for t in self.manager.get(f"/services/{svc['name']}/tasks"):
+                    want[t["container"]] = t["node"]
+            have = {n: c["host"] for n, c in self.containers().items() if c.get("task_id")}
+            if want == have:
+                break
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"tasks did not converge in {timeout:.0f}s: want {want}, have {have}"
+                )
+            time.sleep(0.1)
+        self.sync_peers()
 
     def data_address(self, host: str) -> str:
         """The host's VTEP address (its data-path address)."""

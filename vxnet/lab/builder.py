@@ -120,7 +120,12 @@ def up(spec: LabSpec) -> dict[str, Any]:
             save_state(lab, state)
         for host in spec.hosts:
             wait_daemon(lab, state, host.name)
-            program_networks(lab, state, host.name)
+        if spec.swarm:
+            form_swarm(state, spec)
+        else:
+            for host in spec.hosts:
+                program_networks(lab, state, host.name)
+        save_state(lab, state)
     except BaseException:
         down(lab)
         raise
@@ -209,6 +214,33 @@ def wait_daemon(lab: str, state: dict[str, Any], host: str) -> None:
                 tail = _tail(Path(state["hosts"][host]["log"]))
                 raise LabError(f"lab {lab}: the daemon of {host} did not start:\n{tail}") from None
             time.sleep(0.05)
+
+
+def form_swarm(state: dict[str, Any], spec: LabSpec) -> None:
+    """`swarm init` on the first host, `swarm join` with the real token on the others, and the
+    lab file's networks created through the manager (attachable overlays, fixed VNIs)."""
+    first = spec.hosts[0].name
+    manager = client(state, first)
+    manager.post("/swarm/init", {"key_rotation_interval": spec.key_rotation_interval,
+                                 "data_path_port": spec.data_port})  # fmt: skip
+    token = manager.get("/swarm/join-token/worker")["token"]
+    remote = f"{state['hosts'][first]['address']}:2377"
+    for host in spec.hosts[1:]:
+        client(state, host.name).post("/swarm/join", {"token": token, "remote": remote})
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while not all(n["status"] == "ready" for n in manager.get("/nodes")):  # agents said hello
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"lab {state['name']}: nodes did not become ready: {manager.get('/nodes')}"
+            )
+        time.sleep(0.05)
+    for net in spec.networks:
+        manager.post("/swarm/networks", {
+            "name": net.name, "driver": "overlay", "attachable": True, "subnet": str(net.subnet),
+            "options": [f"com.docker.network.driver.overlay.vxlanid_list={net.vni}",
+                        f"com.docker.network.driver.mtu={net.mtu}"],
+        })  # fmt: skip
+    state["swarm"] = {"manager": first, "manager_addr": remote}
 
 
 def program_networks(lab: str, state: dict[str, Any], host: str) -> None:
@@ -303,7 +335,8 @@ def restart(lab: str, host: str) -> dict[str, Any]:
     h["pid"] = spawn_daemon(lab, state, host)
     save_state(lab, state)
     wait_daemon(lab, state, host)
-    program_networks(lab, state, host)
+    if "swarm" not in state:  # a swarm node rejoins (and a manager resumes) by itself
+        program_networks(lab, state, host)
     return {"host": host, "pid": h["pid"], "lost_containers": [n.split(".", 1)[1] for n in lost]}
 
 

@@ -13,6 +13,9 @@ name = "front"
 subnet = "10.0.1.0/24"
 vni = 4097
 mtu = 1450                           # optional: the network (inner) MTU
+[swarm]                              # optional: by default h1 runs `swarm init`, others join
+enabled = true                       # false: manual mode, the lab programs every FDB itself
+key_rotation_interval = "12h"        # e.g. "2s" to watch rotations
 [[container]]                        # optional: started by `lab up`
 name = "web1"
 host = "h1"
@@ -73,6 +76,8 @@ class LabSpec:
     underlay: ipaddress.IPv4Network = DEFAULT_UNDERLAY
     underlay_mtu: int = 1500
     data_port: int = 4789
+    swarm: bool = True  # swarm init on the first host, the others join (False: manual mode)
+    key_rotation_interval: str = "12h"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -94,8 +99,10 @@ def default_hosts(n: int, underlay: ipaddress.IPv4Network) -> tuple[HostSpec, ..
     return tuple(HostSpec(f"h{i}", underlay.network_address + 10 + i) for i in range(1, n + 1))
 
 
-def default_spec(name: str = DEFAULT_LAB, hosts: int = 3) -> LabSpec:
-    return LabSpec(check_lab_name(name), default_hosts(hosts, DEFAULT_UNDERLAY), DEFAULT_NETWORKS)
+def default_spec(name: str = DEFAULT_LAB, hosts: int = 3, swarm: bool = True) -> LabSpec:
+    return LabSpec(
+        check_lab_name(name), default_hosts(hosts, DEFAULT_UNDERLAY), DEFAULT_NETWORKS, swarm=swarm
+    )
 
 
 def load_spec(path: Path, name: str | None = None, hosts: int | None = None) -> LabSpec:
@@ -132,7 +139,7 @@ def parse_spec(
     hosts: int | None = None,
     source: str = "lab file",
 ) -> LabSpec:
-    known = {"name", "underlay", "host", "network", "container"}
+    known = {"name", "underlay", "host", "network", "container", "swarm"}
     unknown = set(data) - known
     if unknown:
         raise UsageError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -150,7 +157,22 @@ def parse_spec(
     host_specs = _parse_hosts(data.get("host", []), underlay, hosts, source)
     networks = _parse_networks(data.get("network"), underlay_mtu, source)
     containers = _parse_containers(data.get("container", []), host_specs, networks, source)
-    return LabSpec(lab_name, host_specs, networks, containers, underlay, underlay_mtu, data_port)
+    swarm_t = data.get("swarm", {})
+    if not isinstance(swarm_t, dict) or set(swarm_t) - {"enabled", "key_rotation_interval"}:
+        raise UsageError(f"{source}: [swarm] takes enabled = true|false, key_rotation_interval")
+    enabled = _get(swarm_t, "enabled", bool, f"{source} [swarm]", True)
+    rotation = _get(swarm_t, "key_rotation_interval", str, f"{source} [swarm]", "12h")
+    return LabSpec(
+        lab_name,
+        host_specs,
+        networks,
+        containers,
+        underlay,
+        underlay_mtu,
+        data_port,
+        enabled,
+        rotation,
+    )
 
 
 def _parse_hosts(
