@@ -33,6 +33,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vxnet.agent")
 MAX_BACKOFF = 5.0
+#: What ends a session without being a bug: the agent reconnects after any of these.
+SESSION_ERRORS = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    ssl.SSLError,
+    BadPacket,
+    VxnetError,
+)
+
+
+def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 REQUEST_TIMEOUT = 15.0
 
 
@@ -118,15 +135,8 @@ class Agent:
                 try:
                     await self._session()
                     backoff = 0.2
-                except (
-                    OSError,
-                    trio.BrokenResourceError,
-                    trio.ClosedResourceError,
-                    trio.TooSlowError,
-                    ssl.SSLError,
-                    BadPacket,
-                    VxnetError,
-                ) as exc:
+                except* SESSION_ERRORS as group:  # a nursery wraps them in a group
+                    exc = _leaf(group)
                     self.counters["session_errors"] += 1
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     log.info("session with the manager ended: %s", self.last_error)
@@ -256,6 +266,13 @@ class Agent:
             await self.request("detach", container=container)
         except VxnetError as exc:  # the container is gone locally either way
             log.info("detach %s: %s", container, exc)
+
+    async def leave(self) -> None:
+        """Tell the manager this node is leaving (it is shown down at once, tasks move)."""
+        channel = self._channel
+        if channel is not None:
+            with trio.move_on_after(2):
+                await channel.send({"type": "leave"})
 
     async def _report(self, task_id: str, state: str, message: str = "") -> None:
         channel = self._channel

@@ -260,6 +260,8 @@ class Swarm:
                 "manager. Removing the last manager erases all current state of the swarm. "
                 "Use `--force` to ignore this message."
             )
+        if self.agent is not None:
+            await self.agent.leave()
         for scope in self._scopes:
             scope.cancel()
         for c in list(self.daemon.containers.values()):

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -25,6 +25,7 @@ from vxnet.manager.proto import FrameDecoder, encode_frame, field_untrusted
 from vxnet.manager.services import assignments, prune_attachments, reconcile, task_status
 
 log = logging.getLogger("vxnet.manager")
+_E = TypeVar("_E", bound=BaseException)
 HANDSHAKE_TIMEOUT = 10.0
 JOIN_TIMEOUT = 30.0
 MAX_CONNECTIONS = 256
@@ -125,17 +126,23 @@ class Manager:
                 await trio.aclose_forcefully(tcp)
                 return
             channel = Channel(stream)
+            reply = None
             try:
+                # errors inside a session's nursery arrive wrapped in an ExceptionGroup
                 await self._converse(channel, stream)
-            except BadPacket as exc:
-                self.counters[f"bad_frame_{exc.reason}"] += 1
-                log.info("bad frame from a client: %s", exc)
-                await _try_send(channel, {"type": "error", "message": f"bad frame: {exc}"})
-            except VxnetError as exc:
+            except* BadPacket as group:
+                bad = _first(group, BadPacket)
+                self.counters[f"bad_frame_{bad.reason}"] += 1
+                log.info("bad frame from a client: %s", bad)
+                reply = f"bad frame: {bad}"
+            except* VxnetError as group:
                 self.counters["refused"] += 1
-                await _try_send(channel, {"type": "error", "message": str(exc)})
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                reply = str(_first(group, VxnetError))
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
                 pass
+            try:
+                if reply is not None:
+                    await _try_send(channel, {"type": "error", "message": reply})
             finally:
                 await trio.aclose_forcefully(stream)
 
@@ -256,6 +263,12 @@ class Manager:
                     now,
                 )
                 self.changed()
+            elif kind == "leave":
+                log.info("node %s leaves the swarm", session.node_id)
+                self.cluster.mark_down(session.node_id)
+                reconcile(self.cluster, now)
+                self.changed()
+                return
             elif kind == "request":
                 await channel.send(await self._request(session.node_id, msg))
             else:
@@ -293,6 +306,16 @@ class Manager:
             }
         self.changed()
         return {"type": "response", "id": req_id, "ok": True, "result": result}
+
+
+def _first(group: BaseExceptionGroup[Any], kind: type[_E]) -> _E:
+    """The first leaf of ``kind`` in an exception group (``except*`` always gives a group)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first(exc, kind)
+        if isinstance(exc, kind):
+            return exc
+    raise AssertionError("except* matched no leaf")  # pragma: no cover
 
 
 async def _try_send(channel: Channel, message: dict[str, Any]) -> None:
