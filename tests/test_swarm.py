@@ -153,17 +153,22 @@ def answer(s):
         while len(body) < n: body += s.recv(n - len(body))
         return msgpack.unpackb(body, raw=False).get("message", "?")
     except (OSError, ssl.SSLError) as e: return "closed"
+def probe(name, ctx, data):
+    try:
+        s = tls(ctx); s.sendall(data); out[name] = answer(s)
+    except (OSError, ssl.SSLError):
+        out[name] = "closed"
 out = {}
 s = raw(); s.sendall(b"GET / HTTP/1.0\r\n\r\n"); out["plaintext"] = answer(s)
-ca = pki.create_root_ca(datetime.now(UTC)); key = pki.new_node_key()
-cert = pki.sign_node_cert(ca, pki.make_csr(key), "intruder", "swarm-manager", "x", datetime.now(UTC))
-try:
-    s = tls(pki.client_ssl_context(None, cert, key)); s.sendall(frame({"type": "hello"})); out["foreign"] = answer(s)
-except (OSError, ssl.SSLError) as e: out["foreign"] = "closed"
-s = tls(pki.client_ssl_context(None)); s.sendall(struct.pack("!I", 1 << 24)); out["oversized"] = answer(s)
-s = tls(pki.client_ssl_context(None)); s.sendall(struct.pack("!I", 3) + b"\xc1\xc1\xc1"); out["garbage"] = answer(s)
-s = tls(pki.client_ssl_context(None)); s.sendall(frame({"type": "join", "token": 5})); out["badfield"] = answer(s)
-s = tls(pki.client_ssl_context(None)); s.sendall(frame({"type": "hello"})); out["hello_unauth"] = answer(s)
+now = datetime.now(UTC)
+ca = pki.create_root_ca(now); key = pki.new_node_key()
+cert = pki.sign_node_cert(ca, pki.make_csr(key), "intruder", "swarm-manager", "x", now)
+anon = pki.client_ssl_context(None)
+probe("foreign", pki.client_ssl_context(None, cert, key), frame({"type": "hello"}))
+probe("oversized", anon, struct.pack("!I", 1 << 24))
+probe("garbage", anon, struct.pack("!I", 3) + b"\xc1\xc1\xc1")
+probe("badfield", anon, frame({"type": "join", "token": 5}))
+probe("hello_unauth", anon, frame({"type": "hello"}))
 print(__import__("json").dumps(out))
 """
 
@@ -300,11 +305,57 @@ def test_overlay_needs_a_manager_and_pools_run_out() -> None:
         assert "vxnet swarm join --token SWMTKN-1-" in out
         (ingress,) = json.loads(ok(cli(lab, "network", "inspect", "ingress")))
         assert ingress["IPAM"]["Config"][0]["Subnet"] == "10.20.0.0/24"
-        ok(cli(lab, "network", "create", "-d", "overlay", "second"))
+        ok(cli(lab, "network", "create", "-d", "overlay", "--attachable", "second"))
         refused(
             cli(lab, "network", "create", "-d", "overlay", "third"),
             "could not find an available, non-overlapping IPv4 address pool",
         )
+        # the seed's docker_gwbridge customisation: made by the user before joining, kept
+        ok(
+            cli(
+                lab,
+                "-H",
+                "h2",
+                "network",
+                "create",
+                "--subnet",
+                "10.11.0.0/16",
+                "-o",
+                "com.docker.network.bridge.name=docker_gwbridge",
+                "-o",
+                "com.docker.network.bridge.enable_icc=false",
+                "-o",
+                "com.docker.network.bridge.enable_ip_masquerade=true",
+                "docker_gwbridge",
+            )
+        )
+        token = re.search(r"--token (\S+)", out)
+        assert token is not None
+        ok(
+            cli(
+                lab,
+                "-H",
+                "h2",
+                "swarm",
+                "join",
+                "--token",
+                token.group(1),
+                f"{lab.host_address('h1')}:2377",
+            )
+        )
+        (gw2,) = json.loads(ok(cli(lab, "-H", "h2", "network", "inspect", "docker_gwbridge")))
+        assert gw2["IPAM"]["Config"][0]["Subnet"] == "10.11.0.0/16" and gw2["created_by"] == "user"
+        (gw1,) = json.loads(ok(cli(lab, "-H", "h1", "network", "inspect", "docker_gwbridge")))
+        assert (
+            gw1["IPAM"]["Config"][0]["Subnet"] == "172.18.0.0/16" and gw1["created_by"] == "swarm"
+        )
+        assert gw1["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+        # network inspect -v: the peers are the nodes with endpoints on the network
+        lab.run("h1", "a1", "second", "idle")
+        lab.run("h2", "a2", "second", "idle")
+        (second,) = json.loads(ok(cli(lab, "network", "inspect", "-v", "second")))
+        assert {p["Name"] for p in second["Peers"]} == {"h1", "h2"}
+        assert {c["Name"] for c in second["Containers"].values()} == {"a1", "a2"}
         refused(cli(lab, "swarm", "init"), "already part of a swarm")
         refused(cli(lab, "swarm", "leave"), "Use `--force`")
     finally:
@@ -446,9 +497,7 @@ def test_rotation_every_2s_leaves_every_node_with_the_same_three_tags(sw4: Lab) 
             time.sleep(0.25)
         assert len(seen) >= 3, seen  # several rotations observed, each time everywhere at once
         ordered = sorted(seen)
-        assert all(
-            a[1:] == b[:2] or a[-1] < b[0] for a, b in zip(ordered, ordered[1:], strict=False)
-        )
+        assert all(a[1:] == b[:2] or a[-1] < b[0] for a, b in itertools.pairwise(ordered))
     finally:
         ok(cli(sw4, "swarm", "update", "--key-rotation-interval", "12h"))
 

@@ -145,7 +145,8 @@ class Lab:
                 raise Conflict(
                     f'the container name "{name}" is already in use (on {existing[name]["host"]})'
                 )
-            if ip is None and not self.swarm:  # in a swarm the manager allocates
+            manual = {n["name"] for n in self.state["networks"]} if not self.swarm else set()
+            if ip is None and network in manual:  # swarm networks: the manager allocates
                 ip = self._free_ip(network, existing)
             body = {"name": name, "network": network, "image": image, "cmd": list(cmd), "ip": ip}
             created: dict[str, Any] = self.client(host).post("/containers", body)
