@@ -1,0 +1,487 @@
+"""networkdb: per-network tables gossiped to the nodes attached to each network.  Sans-IO.
+
+Docker's libnetwork/networkdb, rebuilt:
+
+* A node **joins a network** when it gets its first endpoint there.  Network join and leave
+  events travel cluster-wide, piggybacked on memberlist's gossip, ordered by a Lamport clock.
+* A **table entry** is ``{owner, ltime, value, deleting, reap_time}``, keyed by
+  ``(network, table, key)``.  An event replaces an entry only if its Lamport time is greater.
+  Deleted entries stay as tombstones for ``reap_interval`` (30 min), so a late create cannot
+  resurrect them.
+* Every ``gossip_interval`` (200 ms) a node sends its pending table events for each network to
+  ``gossip_nodes`` (3) random nodes *of that network*, over UDP.  Every ``bulk_sync_interval``
+  (30 s), and when it joins a network, it sends the whole table to one random node of the
+  network over TCP, and that node answers with its own.
+* When a node **fails**, its entries are hidden from watchers and restored if it comes back.
+  When it **leaves**, its entries are deleted.
+
+The wire format of these messages is vxnet's own (msgpack maps), carried in memberlist user
+messages; Docker's is protobuf.  The memberlist layer under it is byte-compatible.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgpack
+
+from vxnet.errors import BadPacket
+
+PEER_TABLE = "overlay_peer_table"
+ENDPOINT_TABLE = "endpoint_table"
+MAGIC = b"vxdb1"  # marks networkdb payloads inside memberlist user messages
+
+EventKind = Literal["create", "update", "delete"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    bulk_sync_interval: float = 30.0
+    reap_interval: float = 30 * 60.0
+    retransmit_mult: int = 4
+    max_gossip_bytes: int = 1300
+
+
+@dataclass(slots=True)
+class Entry:
+    owner: str
+    ltime: int
+    value: bytes
+    deleting: bool = False
+    reap_at: float = 0.0
+    hidden: bool = False  # the owner failed: not visible until it comes back
+
+
+@dataclass(frozen=True, slots=True)
+class TableEvent:
+    """What watchers see: an entry appeared, changed or went away."""
+
+    kind: EventKind
+    network: str
+    table: str
+    key: str
+    owner: str
+    value: bytes
+
+
+@dataclass(slots=True)
+class _Pending:
+    message: dict[str, Any]
+    transmits: int = 0
+
+
+@dataclass(slots=True)
+class _NetworkState:
+    """This node's view of one network: who is attached, and what is waiting to be gossiped."""
+
+    nodes: dict[str, tuple[int, bool]] = field(default_factory=dict)  # node -> (ltime, leaving)
+    pending: list[_Pending] = field(default_factory=list)
+    next_bulk: float = 0.0
+
+
+class NetworkDB:
+    """One node's networkdb.  Outputs go through the two callables the service provides."""
+
+    def __init__(
+        self,
+        name: str,
+        send_udp: Callable[[str, bytes], bool],
+        send_tcp: Callable[[str, bytes], None],
+        broadcast: Callable[[bytes, str], None],
+        rng: random.Random,
+        settings: Settings = Settings(),
+    ) -> None:
+        self.name = name
+        self._send_udp = send_udp  # (node, payload) -> queued?
+        self._send_tcp = send_tcp  # (node, payload): a reliable user message
+        self._broadcast = broadcast  # (payload, invalidation key): piggybacked cluster-wide
+        self.rng = rng
+        self.settings = settings
+        self.network_clock = 0
+        self.table_clock = 0
+        self.networks: dict[str, _NetworkState] = {}
+        self.entries: dict[tuple[str, str, str], Entry] = {}
+        self.live_nodes: set[str] = {name}
+        self.events: list[TableEvent] = []
+        self.counters: dict[str, int] = {}
+        self._next_gossip = 0.0
+
+    # ----------------------------------------------------------------- local changes
+
+    def join_network(self, network: str, now: float) -> None:
+        state = self.networks.setdefault(network, _NetworkState())
+        self.network_clock += 1
+        state.nodes[self.name] = (self.network_clock, False)
+        self._broadcast(self._net_event(network, "join"), f"net:{network}:{self.name}")
+        state.next_bulk = now  # pull the table from a peer of the network at once
+
+    def leave_network(self, network: str, now: float) -> None:
+        state = self.networks.get(network)
+        if state is None:
+            return
+        self.network_clock += 1
+        state.nodes[self.name] = (self.network_clock, True)
+        self._broadcast(self._net_event(network, "leave"), f"net:{network}:{self.name}")
+        for key, entry in list(self.entries.items()):
+            if key[0] == network and entry.owner != self.name and not entry.deleting:
+                self._emit("delete", key, entry)
+        del self.networks[network]
+        self.entries = {
+            k: e for k, e in self.entries.items() if k[0] != network or e.owner == self.name
+        }
+
+    def create_entry(self, network: str, table: str, key: str, value: bytes, now: float) -> None:
+        self._local_write("create", network, table, key, value, now)
+
+    def update_entry(self, network: str, table: str, key: str, value: bytes, now: float) -> None:
+        self._local_write("update", network, table, key, value, now)
+
+    def delete_entry(self, network: str, table: str, key: str, now: float) -> None:
+        entry = self.entries.get((network, table, key))
+        if entry is None or entry.deleting:
+            return
+        self._local_write("delete", network, table, key, entry.value, now)
+
+    def _local_write(
+        self, kind: EventKind, network: str, table: str, key: str, value: bytes, now: float
+    ) -> None:
+        self.table_clock += 1
+        deleting = kind == "delete"
+        entry = Entry(
+            self.name,
+            self.table_clock,
+            value,
+            deleting,
+            now + self.settings.reap_interval if deleting else 0.0,
+        )
+        self.entries[(network, table, key)] = entry
+        state = self.networks.get(network)
+        if state is not None:
+            state.pending.append(_Pending(self._table_event(kind, network, table, key, entry)))
+
+    # ------------------------------------------------------------------- reading
+
+    def get(self, network: str, table: str, key: str) -> Entry | None:
+        entry = self.entries.get((network, table, key))
+        return None if entry is None or entry.deleting or entry.hidden else entry
+
+    def walk(self, network: str, table: str) -> list[tuple[str, Entry]]:
+        return [
+            (k[2], e)
+            for k, e in self.entries.items()
+            if k[0] == network and k[1] == table and not e.deleting and not e.hidden
+        ]
+
+    def network_nodes(self, network: str) -> list[str]:
+        state = self.networks.get(network)
+        if state is None:
+            return []
+        return sorted(n for n, (_, leaving) in state.nodes.items() if not leaving)
+
+    def take_events(self) -> list[TableEvent]:
+        out, self.events = self.events, []
+        return out
+
+    # ------------------------------------------------------------------- membership
+
+    def node_alive(self, node: str) -> None:
+        """memberlist says ``node`` is alive (joined, or came back after failing)."""
+        self.live_nodes.add(node)
+        for key, entry in self.entries.items():
+            if entry.owner == node and entry.hidden:
+                entry.hidden = False
+                if not entry.deleting:
+                    self._emit("create", key, entry)
+
+    def node_failed(self, node: str) -> None:
+        """Failed: hide its entries (they come back if it does)."""
+        self.live_nodes.discard(node)
+        for key, entry in self.entries.items():
+            if entry.owner == node and not entry.hidden:
+                entry.hidden = True
+                if not entry.deleting:
+                    self._emit("delete", key, entry)
+
+    def node_left(self, node: str, now: float) -> None:
+        """Left on purpose: its entries are deleted and its networks forgotten."""
+        self.node_failed(node)
+        for entry in self.entries.values():
+            if entry.owner == node:
+                entry.deleting = True
+                entry.reap_at = now + self.settings.reap_interval
+        for state in self.networks.values():
+            state.nodes.pop(node, None)
+
+    # -------------------------------------------------------------------- timers
+
+    def handle_timer(self, now: float) -> None:
+        if now >= self._next_gossip:
+            self._next_gossip = now + self.settings.gossip_interval
+            self._gossip()
+        for network, state in self.networks.items():
+            if now >= state.next_bulk:
+                state.next_bulk = now + self.settings.bulk_sync_interval
+                self._bulk_sync(network, response=False, to=None)
+        self._reap(now)
+
+    def next_timer(self) -> float:
+        nexts = [self._next_gossip] + [s.next_bulk for s in self.networks.values()]
+        return min(nexts)
+
+    def _peers(self, network: str) -> list[str]:
+        return [n for n in self.network_nodes(network) if n != self.name and n in self.live_nodes]
+
+    def _gossip(self) -> None:
+        for network, state in self.networks.items():
+            if not state.pending:
+                continue
+            peers = self._peers(network)
+            limit = self.settings.retransmit_mult * math.ceil(math.log10(len(peers) + 2))
+            if not peers:
+                continue
+            batch = sorted(state.pending, key=lambda p: p.transmits)
+            payload, used = self._pack_batch(batch)
+            for node in self.rng.sample(peers, min(self.settings.gossip_nodes, len(peers))):
+                self._send_udp(node, payload)
+                self.counters["gossip_sent"] = self.counters.get("gossip_sent", 0) + 1
+            for p in used:
+                p.transmits += 1
+            state.pending = [p for p in state.pending if p.transmits < limit]
+
+    def _pack_batch(self, batch: list[_Pending]) -> tuple[bytes, list[_Pending]]:
+        used: list[_Pending] = []
+        size = 0
+        for p in batch:
+            size += len(msgpack.packb(p.message)) + 4
+            if used and size > self.settings.max_gossip_bytes:
+                break
+            used.append(p)
+        return _encode({"t": "batch", "m": [p.message for p in used]}), used
+
+    def _bulk_sync(self, network: str, response: bool, to: str | None) -> None:
+        peers = self._peers(network)
+        if to is None:
+            if not peers:
+                return
+            to = self.rng.choice(peers)
+        entries = [
+            self._table_event("delete" if e.deleting else "create", *k, e)
+            for k, e in self.entries.items()
+            if k[0] == network and e.owner == self.name
+        ]
+        nodes = [
+            {"n": n, "l": lt, "x": leaving}
+            for n, (lt, leaving) in self.networks[network].nodes.items()
+        ]
+        payload = _encode(
+            {
+                "t": "bulk",
+                "net": network,
+                "resp": response,
+                "from": self.name,
+                "e": entries,
+                "nodes": nodes,
+            }
+        )
+        self._send_tcp(to, payload)
+        self.counters["bulk_sent"] = self.counters.get("bulk_sent", 0) + 1
+
+    def _reap(self, now: float) -> None:
+        gone = [k for k, e in self.entries.items() if e.deleting and e.reap_at and now >= e.reap_at]
+        for key in gone:
+            del self.entries[key]
+
+    # --------------------------------------------------------------- messages in
+
+    def handle_message(self, payload: bytes, now: float) -> bool:
+        """A memberlist user message (UDP or TCP).  False if it is not networkdb's."""
+        if not payload.startswith(MAGIC):
+            return False
+        try:
+            msg = _decode_untrusted(payload)
+            kind = msg.get("t")
+            if kind == "batch":
+                for inner in _list(msg, "m"):
+                    self._apply_table_event(_map(inner), now)
+            elif kind == "net":
+                self._apply_net_event(msg)
+            elif kind == "bulk":
+                self._apply_bulk(msg, now)
+            else:
+                raise BadPacket("networkdb_unknown_message")
+        except BadPacket as exc:
+            self.counters[f"drop_{exc.reason}"] = self.counters.get(f"drop_{exc.reason}", 0) + 1
+        return True
+
+    def _apply_net_event(self, msg: dict[str, Any]) -> None:
+        network, node, ltime = _str(msg, "net"), _str(msg, "node"), _int(msg, "l")
+        self.network_clock = max(self.network_clock, ltime)
+        state = self.networks.get(network)
+        if state is None or node == self.name:
+            return  # not attached here: nothing of this network is kept
+        current = state.nodes.get(node)
+        if current is not None and current[0] >= ltime:
+            return
+        leaving = _str(msg, "k") == "leave"
+        state.nodes[node] = (ltime, leaving)
+        if leaving:
+            for key, entry in self.entries.items():
+                if key[0] == network and entry.owner == node and not entry.deleting:
+                    entry.deleting = True
+                    self._emit("delete", key, entry)
+
+    def _apply_table_event(self, msg: dict[str, Any], now: float) -> bool:
+        network = _str(msg, "net")
+        key = (network, _str(msg, "tbl"), _str(msg, "key"))
+        owner, ltime = _str(msg, "node"), _int(msg, "l")
+        self.table_clock = max(self.table_clock, ltime)
+        if network not in self.networks or owner == self.name:
+            return False
+        current = self.entries.get(key)
+        if current is not None and current.ltime >= ltime:
+            return False  # an update wins only with a greater Lamport time
+        deleting = _str(msg, "k") == "delete"
+        entry = Entry(
+            owner,
+            ltime,
+            _bytes(msg, "v"),
+            deleting,
+            now + self.settings.reap_interval if deleting else 0.0,
+            hidden=owner not in self.live_nodes,
+        )
+        self.entries[key] = entry
+        if current is None or current.deleting or current.hidden:
+            if not deleting and not entry.hidden:
+                self._emit("create", key, entry)
+        elif deleting:
+            self._emit("delete", key, current)
+        elif not entry.hidden:
+            self._emit("update", key, entry)
+        state = self.networks[network]
+        state.pending.append(_Pending(msg))  # rebroadcast, as networkdb does
+        return True
+
+    def _apply_bulk(self, msg: dict[str, Any], now: float) -> None:
+        network = _str(msg, "net")
+        if network not in self.networks:
+            return
+        for node in _list(msg, "nodes"):
+            self._apply_net_event(
+                {
+                    "net": network,
+                    "node": _str(_map(node), "n"),
+                    "l": _int(_map(node), "l"),
+                    "k": "leave" if _map(node).get("x") else "join",
+                }
+            )
+        for inner in _list(msg, "e"):
+            self._apply_table_event(_map(inner), now)
+        if not msg.get("resp"):
+            self._bulk_sync(network, response=True, to=_str(msg, "from"))
+
+    # ------------------------------------------------------------------- helpers
+
+    def _emit(self, kind: EventKind, key: tuple[str, str, str], entry: Entry) -> None:
+        self.events.append(TableEvent(kind, key[0], key[1], key[2], entry.owner, entry.value))
+
+    def _net_event(self, network: str, kind: str) -> bytes:
+        return _encode(
+            {"t": "net", "k": kind, "net": network, "node": self.name, "l": self.network_clock}
+        )
+
+    def _table_event(
+        self, kind: EventKind, network: str, table: str, key: str, entry: Entry
+    ) -> dict[str, Any]:
+        return {
+            "k": kind,
+            "net": network,
+            "tbl": table,
+            "key": key,
+            "node": entry.owner,
+            "l": entry.ltime,
+            "v": entry.value,
+        }
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    body: bytes = msgpack.packb(message, use_bin_type=True)
+    return MAGIC + body
+
+
+def _decode_untrusted(payload: bytes) -> dict[str, Any]:
+    try:
+        msg = msgpack.unpackb(payload[len(MAGIC) :], raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError):
+        raise BadPacket("networkdb_not_msgpack") from None
+    return _map(msg)
+
+
+def _map(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadPacket("networkdb_not_a_map")
+    return value
+
+
+def _list(msg: dict[str, Any], key: str) -> Iterable[Any]:
+    value = msg.get(key, [])
+    if not isinstance(value, list):
+        raise BadPacket("networkdb_bad_field", key)
+    return value
+
+
+def _str(msg: dict[str, Any], key: str) -> str:
+    value = msg.get(key)
+    if not isinstance(value, str):
+        raise BadPacket("networkdb_bad_field", key)
+    return value
+
+
+def _int(msg: dict[str, Any], key: str) -> int:
+    value = msg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadPacket("networkdb_bad_field", key)
+    return value
+
+
+def _bytes(msg: dict[str, Any], key: str) -> bytes:
+    value = msg.get(key)
+    if not isinstance(value, bytes):
+        raise BadPacket("networkdb_bad_field", key)
+    return value
+
+
+# --------------------------------------------------------------------- peer records
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRecord:
+    """Docker's ``PeerRecord{EndpointIP, EndpointMAC, TunnelEndpointIP}`` (overlay_peer_table)."""
+
+    endpoint_ip: str  # CIDR, as Docker stores it
+    endpoint_mac: str
+    tunnel_endpoint_ip: str
+
+    def encode(self) -> bytes:
+        body: bytes = msgpack.packb(
+            {
+                "EndpointIP": self.endpoint_ip,
+                "EndpointMAC": self.endpoint_mac,
+                "TunnelEndpointIP": self.tunnel_endpoint_ip,
+            }
+        )
+        return body
+
+
+def decode_peer_record_untrusted(value: bytes) -> PeerRecord:
+    try:
+        data = msgpack.unpackb(value, raw=False)
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError):
+        raise BadPacket("peer_record_not_msgpack") from None
+    m = _map(data)
+    return PeerRecord(_str(m, "EndpointIP"), _str(m, "EndpointMAC"), _str(m, "TunnelEndpointIP"))
