@@ -159,6 +159,7 @@ class Cluster:
     def role_for_token(self, presented: str) -> str:
         """The role a join token grants; TokenRefused for anything else (constant time)."""
         tokens.parse_token(presented)  # a malformed token gets a precise UsageError
+        presented = presented.strip()  # as parse_token reads it
         matched = None
         for role, expected in self.store.get_value("tokens").items():
             if tokens.token_matches(presented, expected):

@@ -190,10 +190,14 @@ def reconcile(cluster: Cluster, now: float) -> None:
             plan = plan_replicated(svc["id"], svc["replicas"], nodes, views)
         for task_id in plan.stop:
             cluster.store.delete("task", task_id)
+        pending = len(plan.pending)
         for slot, node_id in plan.start:
-            _new_task(cluster, svc, slot, node_id, now)
-        if svc.get("pending", 0) != len(plan.pending):
-            svc["pending"] = len(plan.pending)
+            try:
+                _new_task(cluster, svc, slot, node_id, now)
+            except Conflict:  # a network is full: the task waits, other services go on
+                pending += 1
+        if svc.get("pending", 0) != pending:
+            svc["pending"] = pending
             cluster.store.put("service", svc["id"], svc["name"], svc)
 
 
