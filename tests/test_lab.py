@@ -75,8 +75,9 @@ def test_container_interface_is_docker_shaped(pair: Lab) -> None:
     assert "default via 10.0.1.1" in pair.exec("srv", ["ip", "route"]).stdout
 
 
-def test_iperf3_over_the_overlay(lab3: Lab) -> None:
+def test_iperf3_over_the_overlay(pair: Lab) -> None:
     need("iperf3")
+    lab3 = pair
     lab3.run("h3", "perf", "front", "iperf3")
     try:
         ip = lab3.ip("perf")
@@ -328,8 +329,10 @@ def test_fdb_cli_round_trip(pair: Lab) -> None:
         ).returncode
         == 0
     )
-    pair.sync_peers()  # lab-origin entries are untouched by manual ones and vice versa
-    assert all(r["origin"] == "lab" for r in pair.client("h2").get("/fdb"))
+    pair.sync_peers()  # the manual entry is gone; gossip's (or the lab's) are untouched
+    rows = pair.client("h2").get("/fdb")
+    assert all(r["mac"] != "02:42:0a:00:01:fa" for r in rows)
+    assert {r["origin"] for r in rows} <= {"gossip", "lab"} and rows
 
 
 def test_lab_down_leaves_nothing_even_after_kill_9() -> None:

@@ -538,3 +538,49 @@ def service_rm(ctx: Ctx, names: tuple[str, ...]) -> None:
         ctx.client().delete(f"/services/{name}")
         click.echo(name)
     _sync_lab(ctx)
+
+
+# --------------------------------------------------------------------------------- gossip
+
+
+@cli.group(cls=VxnetGroup)
+def gossip() -> None:
+    """What a node's gossip (memberlist + networkdb on 7946) knows."""
+
+
+@gossip.command("members")
+@FORMAT
+@pass_ctx
+def gossip_members(ctx: Ctx, fmt: str) -> None:
+    """The memberlist view of the addressed node: members, states, incarnations."""
+    snap = ctx.client().get("/gossip")
+    rows = [["NAME", "ADDRESS", "STATE", "INCARNATION"]]
+    rows += [
+        [m["name"], f"{m['addr']}:{m['port']}", m["state"], str(m["incarnation"])]
+        for m in snap["members"]
+    ]
+    if fmt == "table":
+        click.echo(
+            f"node {snap['name']} on {snap['addr']}, encrypted: {snap['encrypted']} "
+            f"({snap['key_count']} keys), awareness {snap['awareness']}"
+        )
+    _emit(snap, fmt, rows)
+
+
+@gossip.command("networks")
+@FORMAT
+@pass_ctx
+def gossip_networks(ctx: Ctx, fmt: str) -> None:
+    """networkdb: the networks this node gossips on, their nodes and table sizes."""
+    snap = ctx.client().get("/gossip")
+    rows = [["NETWORK ID", "NODES", "PEER ENTRIES", "ENDPOINT ENTRIES"]]
+    for net, info in snap["networks"].items():
+        rows.append(
+            [
+                _short(net),
+                str(len(info["nodes"])),
+                str(info["tables"]["overlay_peer_table"]),
+                str(info["tables"]["endpoint_table"]),
+            ]
+        )
+    _emit(snap["networks"], fmt, rows)

@@ -190,3 +190,22 @@ def test_garbage_is_counted_never_raised(data: bytes) -> None:
     db.join_network("blue", 0.0)
     assert db.handle_message(MAGIC + data, 1.0)
     assert not db.handle_message(b"other" + data, 1.0)  # not networkdb's: left to others
+
+
+def test_a_node_that_missed_the_join_broadcasts_learns_attachments_from_push_pull() -> None:
+    """A late joiner hears of earlier network joins only through memberlist's push/pull state."""
+    c = Cluster(3)
+    late = c.dbs.pop("n2")  # n2 is not on the network while the others join
+    for name in ("n0", "n1"):
+        c.dbs[name].join_network("blue", c.now)
+    c.dbs["n0"].create_entry("blue", PEER_TABLE, "e0", b"x", c.now)
+    c.run(2.0)
+    assert late.network_nodes("blue") == []  # it heard nothing
+    late.merge_remote_state(c.dbs["n0"].local_state())  # memberlist push/pull with n0
+    assert late.network_nodes("blue") == ["n0", "n1"]
+    c.dbs["n2"] = late
+    late.join_network("blue", c.now)
+    c.run(0.5)
+    assert c.visible("n2", "blue") == {"e0": b"x"}  # bulk sync found a peer at once
+    late.merge_remote_state(b"garbage")
+    assert late.counters.get("drop_networkdb_not_msgpack", 0) == 1

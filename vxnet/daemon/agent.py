@@ -111,6 +111,7 @@ class Agent:
         self.clock = clock
         self.connected = False
         self.keys: list[dict[str, Any]] = []
+        self.keys_changed = trio.Event()  # set (and replaced) on every new keyring
         self.networks: dict[str, dict[str, Any]] = {}  # swarm network id -> summary
         self.counters: dict[str, int] = {"sessions": 0, "session_errors": 0, "renewals": 0}
         self.last_error = ""
@@ -212,6 +213,8 @@ class Agent:
             kind = msg["type"]
             if kind == "keys":
                 self.keys = list(field_untrusted(msg, "keys", list))
+                self.keys_changed.set()
+                self.keys_changed = trio.Event()
                 log.info("keys: tags %s", [k.get("lamport_time") for k in self.keys])
             elif kind == "assignments":
                 self._assignments = msg
@@ -257,7 +260,7 @@ class Agent:
         result = await self.request("attach", container=container, network=network, ip=ip)
         net = result["network"]
         spec = spec_from_summary(net)
-        await self.daemon.ensure_network(spec)
+        await self.daemon.ensure_network(spec, net["id"])
         self.networks[net["id"]] = net
         return spec, ipaddress.IPv4Address(result["attachment"]["ip"])
 
@@ -322,7 +325,7 @@ class Agent:
         if isinstance(port, int) and port != d.dataplane.data_port:
             await d.program(SetUnderlay(d.dataplane.underlay_addr, port))
         for net in nets.values():
-            await d.ensure_network(spec_from_summary(net))
+            await d.ensure_network(spec_from_summary(net), net["id"])
         self.networks = nets
         tasks = {t["container"]: t for t in field_untrusted(msg, "tasks", list)}
         for c in list(d.containers.values()):

@@ -22,6 +22,7 @@ from vxnet import __version__, netns
 from vxnet.daemon import containers as ctr
 from vxnet.daemon.http import Request, Router, serve_http
 from vxnet.daemon.localnets import LocalNetworks
+from vxnet.daemon.peers import Peers
 from vxnet.daemon.swarm import Swarm
 from vxnet.dataplane.engine import Dataplane
 from vxnet.dataplane.tables import (
@@ -109,6 +110,9 @@ class Daemon:
         self._lock = trio.Lock()  # serialises changes to networks and containers
         self.attacher: Attacher | None = None  # set when the node is in a swarm
         self.swarm_networks: set[str] = set()  # networks programmed from the manager
+        self.network_ids: dict[str, str] = {}  # swarm network name -> id (networkdb's key)
+        self.network_names: dict[str, str] = {}  # and back
+        self.peers: Peers | None = None  # gossip's overlay_peer_table, once the node gossips
         self.router = Router()
         self._routes()
         self.localnets = LocalNetworks(config.state_dir / "local-networks.json")
@@ -121,8 +125,11 @@ class Daemon:
 
     _program = program
 
-    async def ensure_network(self, spec: NetworkSpec) -> None:
+    async def ensure_network(self, spec: NetworkSpec, network_id: str | None = None) -> None:
         """Program a swarm network (idempotent; a changed definition replaces the old one)."""
+        if network_id is not None:
+            self.network_ids[spec.name] = network_id
+            self.network_names[network_id] = spec.name
         async with self._lock:
             current = self.networks.get(spec.name)
             if current == spec:
@@ -140,6 +147,7 @@ class Daemon:
             for name in sorted(self.swarm_networks - keep - in_use):
                 spec = self.networks.pop(name, None)
                 self.swarm_networks.discard(name)
+                self.network_names.pop(self.network_ids.pop(name, ""), None)
                 if spec is not None:
                     await self.program(RemoveNetwork(spec.vni))
 
@@ -301,6 +309,9 @@ class Daemon:
                 raise
             container.pid = container.proc.pid
             self.containers[name] = container
+        if self.peers is not None:
+            for spec, endpoint in zip((s for s, _ in attach), endpoints, strict=True):
+                await self.peers.endpoint_up(name, endpoint, spec)
         log.info(
             "container %s on %s image %s%s",
             name,
@@ -314,10 +325,12 @@ class Daemon:
         """Kill a container's processes, release its TAPs, delete its namespace."""
         async with self._lock:
             c = self._container(name)
+            del self.containers[c.name]  # first, so the peers see the endpoint gone
             for endpoint in c.endpoints:
+                if self.peers is not None:
+                    await self.peers.endpoint_down(c.name, endpoint)
                 await self._program(RemovePort(endpoint.port_id(c.name)))
             await trio.to_thread.run_sync(ctr.destroy_container, c)
-            del self.containers[c.name]
         if c.attached and self.attacher is not None:
             await self.attacher.detach(c.name)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import shutil
 import socket
 import ssl
@@ -22,7 +23,9 @@ import trio
 
 from vxnet.daemon.agent import Agent, NodeFiles
 from vxnet.daemon.http import Request
+from vxnet.daemon.peers import Peers
 from vxnet.errors import BadPacket, Conflict, UsageError, VxnetError
+from vxnet.gossip.service import GOSSIP_PORT, GossipService
 from vxnet.manager import networks as nets
 from vxnet.manager import pki, services, tokens
 from vxnet.manager.cluster import Cluster, parse_duration
@@ -59,6 +62,7 @@ class Swarm:
         self.manager: Manager | None = None
         self.store: Store | None = None
         self._scopes: list[trio.CancelScope] = []
+        self.gossip: GossipService | None = None
         self.rng = random.Random()
         self._routes()
 
@@ -86,6 +90,7 @@ class Swarm:
         self.agent = agent
         self.daemon.attacher = agent
         await self._nursery.start(self._supervise, "agent", agent.run)
+        await self._nursery.start(self._supervise, "gossip", self._gossip_runner(agent, info))
 
     @staticmethod
     def _manager_runner(manager: Manager, info: dict[str, Any]) -> Callable[[], Awaitable[None]]:
@@ -93,6 +98,44 @@ class Swarm:
             await manager.serve(info["advertise_addr"], MANAGER_PORT)
 
         return run
+
+    def _gossip_runner(self, agent: Agent, info: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            while not agent.keys:  # the gossip keyring comes from the manager
+                await agent.keys_changed.wait()
+            keys, primary = gossip_keys(agent.keys)
+            # A fresh name on every start, as Docker's networkdb does: a restarted node is a new
+            # member, so its predecessor's entries (lost containers) stay hidden until reaped
+            # instead of coming back when "it" returns.
+            name = f"{info['node_id'][:12]}-{secrets.token_hex(4)}"
+            service = GossipService(name, info["advertise_addr"], keys=keys, primary=primary)
+            peers = Peers(self.daemon, service, name, info["data_path_addr"])
+            service.watcher = peers.on_table_event
+            self.gossip = service
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(service.serve, self._gossip_seeds(info))
+                    self.daemon.peers = peers
+                    await peers.publish_all()
+                    while True:
+                        await agent.keys_changed.wait()
+                        service.set_keys(*gossip_keys(agent.keys))
+            finally:
+                self.daemon.peers = None
+                self.gossip = None
+
+        return run
+
+    def _gossip_seeds(self, info: dict[str, Any]) -> list[tuple[str, int]]:
+        """Workers join through the manager; a (restarted) manager through the nodes it knows."""
+        if self.manager is None:
+            host = str(info["manager"]).rpartition(":")[0]
+            return [(host, GOSSIP_PORT)]
+        return [
+            (n["addr"], GOSSIP_PORT)
+            for n in self.manager.cluster.nodes()
+            if n["id"] != info["node_id"]
+        ]
 
     async def _supervise(
         self,
@@ -260,6 +303,9 @@ class Swarm:
                 "manager. Removing the last manager erases all current state of the swarm. "
                 "Use `--force` to ignore this message."
             )
+        if self.gossip is not None:
+            self.gossip.leave()
+            await trio.sleep(0.3)  # let the leave be gossiped before the sockets close
         if self.agent is not None:
             await self.agent.leave()
         for scope in self._scopes:
@@ -286,6 +332,7 @@ class Swarm:
         r.route("GET", "/swarm/join-token/{role}")(self.h_join_token)
         r.route("POST", "/swarm/update")(self.h_update)
         r.route("GET", "/swarm/keys")(self.h_keys)
+        r.route("GET", "/gossip")(self.h_gossip)
         r.route("GET", "/nodes")(self.h_nodes)
         r.route("DELETE", "/nodes/{ref}")(self.h_node_rm)
         r.route("GET", "/swarm/networks")(self.h_networks)
@@ -343,6 +390,13 @@ class Swarm:
             raise Conflict(NOT_IN_SWARM)
         show = req.query.get("show") == "1"
         return [{k: v for k, v in key.items() if show or k != "key"} for key in agent.keys]
+
+    async def h_gossip(self, req: Request) -> Any:
+        if self.gossip is None:
+            raise Conflict("this node does not gossip yet (not in a swarm, or no keys yet)")
+        out = self.gossip.snapshot()
+        out["peers"] = self.daemon.peers.counters if self.daemon.peers else {}
+        return out
 
     async def h_nodes(self, req: Request) -> Any:
         return self._require_manager().nodes()
@@ -435,6 +489,18 @@ class Swarm:
         svc = services.remove_service(self._require_manager(), req.params["ref"])
         self.changed()
         return {"removed": svc["name"]}
+
+
+def gossip_keys(keys: list[dict[str, Any]]) -> tuple[list[bytes], bytes]:
+    """The networking:gossip keys, and the primary: the middle one by tag (libnetwork's rule)."""
+    ring = sorted(
+        (k for k in keys if k.get("subsystem") == "networking:gossip"),
+        key=lambda k: int(k["lamport_time"]),
+    )
+    raw = [bytes.fromhex(str(k["key"])) for k in ring]
+    if not raw:
+        raise VxnetError("the manager sent no networking:gossip keys")
+    return raw, raw[len(raw) // 2]
 
 
 def _body(req: Request) -> dict[str, Any]:

@@ -78,11 +78,11 @@ class _Pending:
 
 @dataclass(slots=True)
 class _NetworkState:
-    """This node's view of one network: who is attached, and what is waiting to be gossiped."""
+    """A network this node is attached to: what is waiting to be gossiped, next bulk sync."""
 
-    nodes: dict[str, tuple[int, bool]] = field(default_factory=dict)  # node -> (ltime, leaving)
     pending: list[_Pending] = field(default_factory=list)
     next_bulk: float = 0.0
+    bulk_all: bool = True  # right after joining: sync with every node of the network
 
 
 class NetworkDB:
@@ -105,7 +105,10 @@ class NetworkDB:
         self.settings = settings
         self.network_clock = 0
         self.table_clock = 0
-        self.networks: dict[str, _NetworkState] = {}
+        self.networks: dict[str, _NetworkState] = {}  # the networks this node is attached to
+        # every node's attachments, cluster-wide (how a late joiner knows whom to sync with):
+        # network -> node -> (Lamport time, leaving)
+        self.attachments: dict[str, dict[str, tuple[int, bool]]] = {}
         self.entries: dict[tuple[str, str, str], Entry] = {}
         self.live_nodes: set[str] = {name}
         self.events: list[TableEvent] = []
@@ -116,8 +119,9 @@ class NetworkDB:
 
     def join_network(self, network: str, now: float) -> None:
         state = self.networks.setdefault(network, _NetworkState())
+        state.bulk_all = True
         self.network_clock += 1
-        state.nodes[self.name] = (self.network_clock, False)
+        self.attachments.setdefault(network, {})[self.name] = (self.network_clock, False)
         self._broadcast(self._net_event(network, "join"), f"net:{network}:{self.name}")
         state.next_bulk = now  # pull the table from a peer of the network at once
 
@@ -126,7 +130,7 @@ class NetworkDB:
         if state is None:
             return
         self.network_clock += 1
-        state.nodes[self.name] = (self.network_clock, True)
+        self.attachments.setdefault(network, {})[self.name] = (self.network_clock, True)
         self._broadcast(self._net_event(network, "leave"), f"net:{network}:{self.name}")
         for key, entry in list(self.entries.items()):
             if key[0] == network and entry.owner != self.name and not entry.deleting:
@@ -179,10 +183,8 @@ class NetworkDB:
         ]
 
     def network_nodes(self, network: str) -> list[str]:
-        state = self.networks.get(network)
-        if state is None:
-            return []
-        return sorted(n for n, (_, leaving) in state.nodes.items() if not leaving)
+        nodes = self.attachments.get(network, {})
+        return sorted(n for n, (_, leaving) in nodes.items() if not leaving)
 
     def take_events(self) -> list[TableEvent]:
         out, self.events = self.events, []
@@ -215,8 +217,8 @@ class NetworkDB:
             if entry.owner == node:
                 entry.deleting = True
                 entry.reap_at = now + self.settings.reap_interval
-        for state in self.networks.values():
-            state.nodes.pop(node, None)
+        for nodes in self.attachments.values():
+            nodes.pop(node, None)
 
     # -------------------------------------------------------------------- timers
 
@@ -226,8 +228,16 @@ class NetworkDB:
             self._gossip()
         for network, state in self.networks.items():
             if now >= state.next_bulk:
-                state.next_bulk = now + self.settings.bulk_sync_interval
-                self._bulk_sync(network, response=False, to=None)
+                # as Docker: every node of the network right after joining, then 2 at random
+                peers = self._peers(network)
+                if not state.bulk_all:
+                    peers = self.rng.sample(peers, min(2, len(peers)))
+                for peer in peers:
+                    self._bulk_sync(network, response=False, to=peer)
+                if peers:
+                    state.bulk_all = False
+                # no peer known yet (we joined before hearing who else is there): retry soon
+                state.next_bulk = now + (self.settings.bulk_sync_interval if peers else 1.0)
         self._reap(now)
 
     def next_timer(self) -> float:
@@ -264,12 +274,7 @@ class NetworkDB:
             used.append(p)
         return _encode({"t": "batch", "m": [p.message for p in used]}), used
 
-    def _bulk_sync(self, network: str, response: bool, to: str | None) -> None:
-        peers = self._peers(network)
-        if to is None:
-            if not peers:
-                return
-            to = self.rng.choice(peers)
+    def _bulk_sync(self, network: str, response: bool, to: str) -> None:
         entries = [
             self._table_event("delete" if e.deleting else "create", *k, e)
             for k, e in self.entries.items()
@@ -277,7 +282,7 @@ class NetworkDB:
         ]
         nodes = [
             {"n": n, "l": lt, "x": leaving}
-            for n, (lt, leaving) in self.networks[network].nodes.items()
+            for n, (lt, leaving) in self.attachments.get(network, {}).items()
         ]
         payload = _encode(
             {
@@ -322,14 +327,14 @@ class NetworkDB:
     def _apply_net_event(self, msg: dict[str, Any]) -> None:
         network, node, ltime = _str(msg, "net"), _str(msg, "node"), _int(msg, "l")
         self.network_clock = max(self.network_clock, ltime)
-        state = self.networks.get(network)
-        if state is None or node == self.name:
-            return  # not attached here: nothing of this network is kept
-        current = state.nodes.get(node)
+        if node == self.name:
+            return
+        nodes = self.attachments.setdefault(network, {})
+        current = nodes.get(node)
         if current is not None and current[0] >= ltime:
             return
         leaving = _str(msg, "k") == "leave"
-        state.nodes[node] = (ltime, leaving)
+        nodes[node] = (ltime, leaving)
         if leaving:
             for key, entry in self.entries.items():
                 if key[0] == network and entry.owner == node and not entry.deleting:
@@ -384,6 +389,31 @@ class NetworkDB:
             self._apply_table_event(_map(inner), now)
         if not msg.get("resp"):
             self._bulk_sync(network, response=True, to=_str(msg, "from"))
+
+    # ------------------------------------------------- memberlist push/pull state
+
+    def local_state(self) -> bytes:
+        """Every attachment this node knows (memberlist's LocalState delegate)."""
+        nets = {
+            net: [[n, lt, leaving] for n, (lt, leaving) in nodes.items()]
+            for net, nodes in self.attachments.items()
+        }
+        return _encode({"t": "state", "clock": self.network_clock, "nets": nets})
+
+    def merge_remote_state(self, payload: bytes) -> None:
+        """A push/pull partner's attachments (memberlist's MergeRemoteState delegate)."""
+        if not payload:
+            return
+        try:
+            msg = _decode_untrusted(payload)
+            for net, nodes in _map(msg.get("nets", {})).items():
+                for row in nodes if isinstance(nodes, list) else []:
+                    if not (isinstance(row, list) and len(row) == 3):
+                        raise BadPacket("networkdb_bad_state_row")
+                    kind = "leave" if row[2] else "join"
+                    self._apply_net_event({"net": str(net), "node": row[0], "l": row[1], "k": kind})
+        except BadPacket as exc:
+            self.counters[f"drop_{exc.reason}"] = self.counters.get(f"drop_{exc.reason}", 0) + 1
 
     # ------------------------------------------------------------------- helpers
 

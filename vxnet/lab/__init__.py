@@ -176,12 +176,52 @@ class Lab:
             self.client(c["host"]).delete(f"/containers/{name}?force={int(force)}")
             self.sync_peers()
 
-    def sync_peers(self) -> None:
-        """Make every host's lab-origin FDB equal to the other hosts' container endpoints.
+    def sync_peers(self, timeout: float = 20.0) -> None:
+        """Peers everywhere: in a swarm, wait for gossip to program them; else program them.
 
-        Only networks the host has programmed are touched (in a swarm, a node learns a network
-        when it first runs a task on it).  The gossip issue replaces this with overlay_peer_table.
+        In a swarm every node learns the others' endpoints from networkdb's overlay_peer_table,
+        so this only waits until each host's gossip-programmed FDB equals the other hosts'
+        endpoints on the networks it has.  In a manual lab the lab is the control plane: it
+        makes every host's lab-origin FDB equal to the other hosts' endpoints.
         """
+        if self.swarm:
+            self._wait_gossip_peers(timeout)
+        else:
+            self._program_lab_peers()
+
+    def expected_peers(self, host: str, endpoints: list[dict[str, Any]]) -> set[tuple[str, str]]:
+        """The remote endpoints ``host`` must know: those on networks where it has endpoints
+        itself (a node joins a network's gossip with its first local endpoint, as in Docker)."""
+        local_nets = {e["network"] for e in endpoints if e["host"] == host}
+        return {
+            (e["network"], e["mac"])
+            for e in endpoints
+            if e["host"] != host and e["network"] in local_nets
+        }
+
+    def _wait_gossip_peers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            endpoints = [
+                dict(e, host=c["host"]) for c in self.containers().values() for e in c["endpoints"]
+            ]
+            missing: dict[str, Any] = {}
+            for host in self.hosts:
+                want = self.expected_peers(host, endpoints)
+                have = {
+                    (r["network"], r["mac"])
+                    for r in self.client(host).get("/fdb")
+                    if r["origin"] == "gossip"
+                }
+                if want != have:
+                    missing[host] = {"missing": sorted(want - have), "stale": sorted(have - want)}
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"gossip did not converge in {timeout:.0f}s: {missing}")
+            time.sleep(0.1)
+
+    def _program_lab_peers(self) -> None:
         endpoints = [
             dict(e, host=c["host"]) for c in self.containers().values() for e in c["endpoints"]
         ]
