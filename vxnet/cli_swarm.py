@@ -584,3 +584,28 @@ def gossip_networks(ctx: Ctx, fmt: str) -> None:
             ]
         )
     _emit(snap["networks"], fmt, rows)
+
+
+@gossip.command("tables")
+@click.option("--network", help="Only this network (name or id).")
+@FORMAT
+@pass_ctx
+def gossip_tables(ctx: Ctx, network: str | None, fmt: str) -> None:
+    """networkdb's entries on the addressed node (overlay_peer_table decoded)."""
+    rows_ = ctx.client().get("/gossip/tables" + (f"?network={network}" if network else ""))
+    rows = [["NETWORK", "TABLE", "OWNER", "LTIME", "ENDPOINT", "MAC", "VTEP", "STATE"]]
+    for r in rows_:
+        state = "deleted" if r["deleting"] else "hidden (owner failed)" if r["hidden"] else "live"
+        rows.append(
+            [
+                r["network"],
+                r["table"],
+                r["owner"],
+                str(r["ltime"]),
+                r.get("endpoint_ip", ""),
+                r.get("endpoint_mac", ""),
+                r.get("tunnel_endpoint_ip", ""),
+                state,
+            ]
+        )
+    _emit(rows_, fmt, rows)

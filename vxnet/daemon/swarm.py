@@ -25,6 +25,7 @@ from vxnet.daemon.agent import Agent, NodeFiles
 from vxnet.daemon.http import Request
 from vxnet.daemon.peers import Peers
 from vxnet.errors import BadPacket, Conflict, UsageError, VxnetError
+from vxnet.gossip.networkdb import decode_peer_record_untrusted
 from vxnet.gossip.service import GOSSIP_PORT, GossipService
 from vxnet.manager import networks as nets
 from vxnet.manager import pki, services, tokens
@@ -333,6 +334,7 @@ class Swarm:
         r.route("POST", "/swarm/update")(self.h_update)
         r.route("GET", "/swarm/keys")(self.h_keys)
         r.route("GET", "/gossip")(self.h_gossip)
+        r.route("GET", "/gossip/tables")(self.h_gossip_tables)
         r.route("GET", "/nodes")(self.h_nodes)
         r.route("DELETE", "/nodes/{ref}")(self.h_node_rm)
         r.route("GET", "/swarm/networks")(self.h_networks)
@@ -397,6 +399,40 @@ class Swarm:
         out = self.gossip.snapshot()
         out["peers"] = self.daemon.peers.counters if self.daemon.peers else {}
         return out
+
+    async def h_gossip_tables(self, req: Request) -> Any:
+        """Every networkdb entry this node holds (tombstones and hidden ones too, marked)."""
+        if self.gossip is None:
+            raise Conflict("this node does not gossip yet (not in a swarm, or no keys yet)")
+        wanted = req.query.get("network")
+        names = self.daemon.network_names
+        rows = []
+        for (net, table, key), entry in sorted(self.gossip.db.entries.items()):
+            name = names.get(net, net)
+            if wanted and wanted not in (net, name):
+                continue
+            row: dict[str, Any] = {
+                "network": name,
+                "network_id": net,
+                "table": table,
+                "key": key,
+                "owner": entry.owner,
+                "ltime": entry.ltime,
+                "deleting": entry.deleting,
+                "hidden": entry.hidden,
+            }
+            if table == "overlay_peer_table":
+                try:
+                    rec = decode_peer_record_untrusted(entry.value)
+                    row.update(
+                        endpoint_ip=rec.endpoint_ip,
+                        endpoint_mac=rec.endpoint_mac,
+                        tunnel_endpoint_ip=rec.tunnel_endpoint_ip,
+                    )
+                except BadPacket as exc:
+                    row["value_error"] = exc.reason
+            rows.append(row)
+        return rows
 
     async def h_nodes(self, req: Request) -> Any:
         return self._require_manager().nodes()
