@@ -98,7 +98,7 @@ def test_kill_9_removes_peers_within_the_bound_and_restart_restores_them(glab: L
         for m in glab.client("h1").get("/gossip")["members"]
         if m["addr"] == glab.host_address("h3")
     }
-    assert states <= {"dead", "suspect"}
+    assert states and states <= {"dead", "suspect"}, states
 
     cli(glab, "lab", "restart", "h3")
     glab.state = builder.load_state(glab.name)
@@ -134,11 +134,9 @@ def test_rotation_every_2s_for_a_minute_raises_no_suspicion(glab: Lab) -> None:
         t0 = time.monotonic()
         while time.monotonic() - t0 < 60:
             members = glab.client("h3").get("/gossip")["members"]
-            assert all(
-                m["state"] == "alive"
-                for m in members
-                if m["addr"] in {glab.host_address(h) for h in glab.hosts}
-            )
+            # (the dead predecessor of the restarted h3 is listed too: it must stay dead)
+            assert [m["state"] for m in members].count("alive") == 3, members
+            assert "suspect" not in {m["state"] for m in members}, members
             time.sleep(1)
     finally:
         cli(glab, "swarm", "update", "--key-rotation-interval", "12h")

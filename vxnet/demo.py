@@ -19,7 +19,9 @@ from collections.abc import Callable
 import click
 
 from vxnet.capture import explain, finish_capture, start_capture
-from vxnet.errors import VxnetError
+from vxnet.errors import BadPacket, VxnetError
+from vxnet.gossip.messages import decode_message_untrusted
+from vxnet.gossip.packet import Keyring, decode_packet_untrusted
 from vxnet.lab import Lab, builder
 from vxnet.lab.topology import default_spec
 
@@ -206,6 +208,34 @@ def _tour(tour: Tour, lab: Lab) -> None:
         wire,
     )
 
+    def gossip() -> tuple[bool, list[str]]:
+        view = lab.client("h2").get("/gossip")
+        lines = [
+            f"h2 sees {len(view['members'])} members: "
+            + ", ".join(f"{m['name'][:12]} {m['state']}" for m in view["members"])
+        ]
+        fdb = [r for r in lab.client("h2").get("/fdb") if r["network"] == "appnet"]
+        lines += [
+            f"h2 FDB {r['mac']} ({r['ip']}) -> {r['vtep']}  [from {r['origin']}]" for r in fdb
+        ]
+        proc = start_capture(lab.fabric_netns, "h2", count=1, timeout=5, udp_port=7946)
+        frames = finish_capture(proc, 5)
+        if not frames:
+            return False, [*lines, "no gossip packet seen on 7946"]
+        lines += explain_gossip(frames[0], lab.client("h2").get("/swarm/keys?show=1"))
+        ok = (
+            all(m["state"] == "alive" for m in view["members"])
+            and fdb
+            and all(r["origin"] == "gossip" for r in fdb)
+        )
+        return bool(ok) and any("decrypted" in ln for ln in lines), lines
+
+    tour.step(
+        "Gossip on 7946 (memberlist, encrypted) programmed those FDB entries",
+        "vxnet -H h2 gossip members; vxnet -H h2 fdb show",
+        gossip,
+    )
+
     def http() -> tuple[bool, list[str]]:
         seen = set()
         for c in web:
@@ -265,9 +295,25 @@ def _tour(tour: Tour, lab: Lab) -> None:
                 break
             time.sleep(0.2)
         took = time.monotonic() - t0
-        lines = [f"h3's daemon killed (kill -9); manager saw h3 {status} after {took:.1f}s"]
+        gossip_dead = ""
+        while time.monotonic() - t0 < 15 and not gossip_dead:
+            states = {
+                m["state"]
+                for m in lab.client("h1").get("/gossip")["members"]
+                if m["addr"] == lab.host_address("h3")
+            }
+            if states and states <= {"dead", "left"}:
+                gossip_dead = f"{time.monotonic() - t0:.1f}s"
+            time.sleep(0.2)
+        lines = [
+            f"h3's daemon killed (kill -9); manager saw h3 {status} after {took:.1f}s "
+            f"(heartbeats); gossip on h1 declared it dead after {gossip_dead or 'never'} "
+            "(SWIM: ping, indirect pings, suspicion)"
+        ]
         lines += [f"{t['container']} now on {t['node']}" for t in mgr.get("/services/web/tasks")]
-        return status == "down" and all(t["node"] != "h3" for t in tasks), lines
+        return status == "down" and bool(gossip_dead) and all(
+            t["node"] != "h3" for t in tasks
+        ), lines
 
     tour.step(
         "A node fails: heartbeats stop, the manager marks it down and reschedules its task",
@@ -288,6 +334,26 @@ def _tour(tour: Tour, lab: Lab) -> None:
         "vxnet -H h2 dataplane stats",
         stats,
     )
+
+
+def explain_gossip(frame: bytes, keys: list[dict[str, object]]) -> list[str]:
+    """A captured 7946 datagram: shown as ciphertext, then decrypted with the node's keys."""
+    eth_ip_udp = 14 + (frame[14] & 0xF) * 4 + 8
+    payload = frame[eth_ip_udp:]
+    lines = [
+        f"UDP 7946 payload: {len(payload)} bytes, first byte {payload[0]} "
+        f"(1 = AES-GCM, keyring version 1), nonce {payload[1:13].hex()}"
+    ]
+    ring = [bytes.fromhex(str(k["key"])) for k in keys if k["subsystem"] == "networking:gossip"]
+    try:
+        inner = decode_packet_untrusted(
+            payload, keyring=Keyring(ring, ring[len(ring) // 2]), require_encryption=True
+        )
+        kinds = [type(decode_message_untrusted(m)).__name__ for m in inner]
+    except BadPacket as exc:
+        return [*lines, f"could not decrypt: {exc.reason}"]
+    lines.append(f"decrypted with networking:gossip keys: {', '.join(kinds)} (memberlist messages)")
+    return lines
 
 
 def _tags(lab: Lab, host: str) -> list[int]:

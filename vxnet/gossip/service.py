@@ -308,7 +308,7 @@ class GossipService:
                 "state": m.state.name.lower(),
                 "incarnation": m.incarnation,
             }
-            for m in self.ml.members()
+            for m in self.ml.all_members()  # dead and left too: a learner should see them
         ]
         networks = {
             net: {
