@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from vxnet.dataplane.tables import NetworkSpec, SetUnderlay
+from vxnet.dataplane.tables import NetworkSpec, SetIpsecKeys, SetUnderlay
 from vxnet.errors import BadPacket, Conflict, NotFound, UsageError, VxnetError
 from vxnet.manager import pki
 from vxnet.manager.proto import field_untrusted
@@ -98,7 +98,18 @@ def spec_from_summary(net: dict[str, Any]) -> NetworkSpec:
         ipaddress.IPv4Network(net["subnet"]),
         ipaddress.IPv4Address(net["gateway"]),
         int(net["mtu"]),
+        bool(net.get("encrypted")),
     )
+
+
+def ipsec_keys(keys: list[dict[str, Any]]) -> tuple[tuple[int, bytes], ...]:
+    """The networking:ipsec keyring as the dataplane takes it: (tag, key), sorted by tag."""
+    ring = [
+        (int(k["lamport_time"]), bytes.fromhex(str(k["key"])))
+        for k in keys
+        if k.get("subsystem") == "networking:ipsec"
+    ]
+    return tuple(sorted(ring))
 
 
 class Agent:
@@ -213,6 +224,7 @@ class Agent:
             kind = msg["type"]
             if kind == "keys":
                 self.keys = list(field_untrusted(msg, "keys", list))
+                await self.daemon.program(SetIpsecKeys(ipsec_keys(self.keys)))
                 self.keys_changed.set()
                 self.keys_changed = trio.Event()
                 log.info("keys: tags %s", [k.get("lamport_time") for k in self.keys])

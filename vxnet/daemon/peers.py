@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from vxnet.daemon.containers import Endpoint
-from vxnet.dataplane.tables import AddPeer, NetworkSpec, RemovePeer
+from vxnet.dataplane.tables import AddPeer, NetworkSpec, RemovePeer, ResetEspPeer
 from vxnet.errors import BadPacket, UsageError
 from vxnet.gossip.networkdb import PEER_TABLE, PeerRecord, TableEvent, decode_peer_record_untrusted
 from vxnet.wire.ethernet import mac_from_str
@@ -42,6 +42,9 @@ class Peers:
         # restarted with the same address publishes it under a new key before the old key's
         # delete arrives (moby#35401's stale FDB); only the current owner may remove it.
         self.owners: dict[tuple[str, bytes], str] = {}
+        # VTEP -> the gossip node that publishes from it: a new one means the peer restarted,
+        # and its ESP sequence numbers start again at 1 (our replay window must forget it).
+        self.vtep_nodes: dict[str, str] = {}
 
     def _key(self, container: str, endpoint: Endpoint) -> str:
         return f"{self.node}/{container}/{endpoint.ifname}"
@@ -102,5 +105,10 @@ class Peers:
             self.counters["removed"] += 1
         else:
             self.owners[slot] = event.key
+            previous = self.vtep_nodes.get(str(vtep))
+            self.vtep_nodes[str(vtep)] = event.owner
+            if previous is not None and previous != event.owner:
+                await self.daemon.program(ResetEspPeer(vtep))
+                self.counters["esp_peer_resets"] = self.counters.get("esp_peer_resets", 0) + 1
             await self.daemon.program(AddPeer(spec.vni, mac, ip, vtep, "gossip"))
             self.counters["programmed"] += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import os
 import select
 import socket
@@ -18,12 +19,21 @@ import threading
 from typing import Any
 
 from vxnet.dataplane.switch import Switch
-from vxnet.dataplane.tables import AddPort, SetUnderlay, TableUpdate
+from vxnet.dataplane.tables import (
+    AddPeer,
+    AddPort,
+    ResetEspPeer,
+    SetIpsecKeys,
+    SetUnderlay,
+    TableUpdate,
+)
 from vxnet.errors import VxnetError
+from vxnet.esp.sadb import SADB
 
 BATCH = 256  # frames drained per readiness event before looking at other fds
 RECV_BUF = 65536 + 64
 SOCKET_BUFFER = 4 * 1024 * 1024
+IPPROTO_ESP = 50
 
 
 class Dataplane:
@@ -37,11 +47,14 @@ class Dataplane:
         self.underlay_addr = underlay_addr
         self.data_port = data_port
         self._sock = _underlay_socket(underlay_addr, data_port)
-        self.switch = Switch(os.write, self._send, data_port)
+        self._esp = _esp_socket(underlay_addr)
+        self.switch = Switch(os.write, self._send, data_port, self._send_esp)
+        self._ipsec_keys: tuple[tuple[int, bytes], ...] = ()
         self._pending: collections.deque[TableUpdate] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
         self._epoll.register(self._sock.fileno(), select.EPOLLIN)
+        self._epoll.register(self._esp.fileno(), select.EPOLLIN)
         self._epoll.register(self._wake, select.EPOLLIN)
         self._running = False
         self._thread: threading.Thread | None = None
@@ -60,8 +73,39 @@ class Dataplane:
         self._sock.close()
         self._sock = new
         self._epoll.register(new.fileno(), select.EPOLLIN)
+        if update.address != self.underlay_addr:  # the VTEP moved: ESP socket and SAs follow
+            esp = _esp_socket(update.address)
+            self._epoll.unregister(self._esp.fileno())
+            self._esp.close()
+            self._esp = esp
+            self._epoll.register(esp.fileno(), select.EPOLLIN)
+            self.switch.sadb = None
         self.underlay_addr, self.data_port = update.address, update.port
         self.switch.set_data_port(update.port)
+        if self.switch.sadb is None and self._ipsec_keys:
+            self._set_ipsec_keys(SetIpsecKeys(self._ipsec_keys))
+
+    def _send_esp(self, packet: bytes, vtep: str) -> int:
+        return self._esp.sendto(packet, (vtep, 0))
+
+    def _set_ipsec_keys(self, update: SetIpsecKeys) -> None:
+        """Runs in the dataplane thread.  Docker's rotation order lives in SADB.set_keys."""
+        self._ipsec_keys = update.keys
+        if self.switch.sadb is None:
+            self.switch.sadb = SADB(ipaddress.IPv4Address(self.underlay_addr))
+            for net in self.switch.nets.values():
+                for vtep, _ in net.remote.values():
+                    self.switch.sadb.add_peer(ipaddress.IPv4Address(vtep))
+        self.switch.sadb.set_keys(update.keys)
+
+    def _apply_esp(self, update: TableUpdate) -> None:
+        sadb = self.switch.sadb
+        if isinstance(update, SetIpsecKeys):
+            self._set_ipsec_keys(update)
+        elif isinstance(update, ResetEspPeer) and sadb is not None:
+            sadb.reset_peer(update.vtep)
+        elif isinstance(update, AddPeer) and sadb is not None:
+            sadb.add_peer(update.vtep)
 
     def _send(self, parts: Any, addr: tuple[str, int]) -> int:
         return self._sock.sendmsg(parts, (), 0, addr)
@@ -96,6 +140,7 @@ class Dataplane:
             _close_quietly(port.fd)
         self._epoll.close()
         self._sock.close()
+        self._esp.close()
         os.close(self._wake)
 
     # ---------------------------------------------------------------------- the loop
@@ -107,10 +152,18 @@ class Dataplane:
         ports_by_fd = switch.ports_by_fd
         read = os.read
         while self._running:
-            sock_fd = self._sock.fileno()  # the socket changes only in _apply_pending, below
+            sock_fd = self._sock.fileno()  # the sockets change only in _apply_pending, below
+            esp_fd = self._esp.fileno()
             recvfrom_into = self._sock.recvfrom_into
             for fd, _events in self._epoll.poll(1.0):
-                if fd == sock_fd:
+                if fd == esp_fd:
+                    for _ in range(BATCH):
+                        try:
+                            n, src = self._esp.recvfrom_into(buf)
+                        except BlockingIOError:
+                            break
+                        switch.from_esp(view[:n], src[0])
+                elif fd == sock_fd:
                     for _ in range(BATCH):
                         try:
                             n, src = recvfrom_into(buf)
@@ -141,12 +194,15 @@ class Dataplane:
                     self._applied.notify_all()
                     return
                 update = self._pending.popleft()
+            released: list[int] = []
             try:
                 if isinstance(update, SetUnderlay):
                     self._rebind(update)
-                    released = []
+                elif isinstance(update, SetIpsecKeys | ResetEspPeer):
+                    self._apply_esp(update)
                 else:
                     released = self.switch.apply(update)
+                    self._apply_esp(update)
             except (VxnetError, OSError):
                 self.update_errors += 1
                 released = [update.fd] if isinstance(update, AddPort) else []
@@ -175,6 +231,24 @@ def _underlay_socket(address: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _esp_socket(address: str) -> socket.socket:
+    """A raw IPv4 socket for protocol 50: the kernel here has no ESP, vxnet is the IPsec stack.
+
+    Bound to the VTEP address, it receives every ESP packet to it (with the IP header) and,
+    being bound, stops the kernel from answering "protocol unreachable".
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.bind((address, 0))
     except OSError:
         sock.close()
         raise

@@ -15,6 +15,7 @@ engine and against plain lists in unit tests.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from collections.abc import Callable, Sequence
@@ -30,7 +31,9 @@ from vxnet.dataplane.tables import (
     RemovePort,
     TableUpdate,
 )
-from vxnet.errors import UsageError
+from vxnet.errors import BadPacket, UsageError
+from vxnet.esp.sa import SequenceExhausted
+from vxnet.esp.sadb import SADB
 from vxnet.wire.checksum import internet_checksum
 from vxnet.wire.vxlan import vxlan_header
 
@@ -44,6 +47,19 @@ _ICMPV6_NA_FLAGS = b"\x60\x00\x00\x00"  # Solicited | Override
 _IPV6_UNSPECIFIED = bytes(16)
 
 WriteFd = Callable[[int, bytes | memoryview], int]
+SendEsp = Callable[[bytes, str], int]
+_UDP = struct.Struct("!HHHH")
+
+
+def _no_esp_socket(packet: bytes, vtep: str) -> int:
+    raise OSError("no ESP socket")
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip(text: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(text)
+
+
 SendUdp = Callable[[Sequence[bytes | memoryview], tuple[str, int]], int]
 
 
@@ -53,6 +69,8 @@ class Counters:
     __slots__ = (
         "arp_replies",
         "drops",
+        "esp_rx",
+        "esp_tx",
         "local_bytes",
         "local_frames",
         "nd_replies",
@@ -67,6 +85,7 @@ class Counters:
         self.tx_frames = self.tx_bytes = 0  # encapsulated onto the underlay
         self.local_frames = self.local_bytes = 0  # switched between two local TAPs
         self.arp_replies = self.nd_replies = 0
+        self.esp_rx = self.esp_tx = 0  # of the frames above, how many travelled as ESP
         self.drops: dict[str, int] = {}
 
     def as_dict(self) -> dict[str, Any]:
@@ -91,12 +110,23 @@ class Port:
 class Net:
     """One VNI's switch state."""
 
-    __slots__ = ("counters", "hdr", "local", "max_frame", "neigh", "remote", "spec", "vni")
+    __slots__ = (
+        "counters",
+        "encrypted",
+        "hdr",
+        "local",
+        "max_frame",
+        "neigh",
+        "remote",
+        "spec",
+        "vni",
+    )
 
     def __init__(self, spec: NetworkSpec) -> None:
         self.spec = spec
         self.vni = spec.vni
         self.hdr = vxlan_header(spec.vni)
+        self.encrypted = spec.encrypted
         self.max_frame = ETH_HLEN + spec.mtu
         self.local: dict[bytes, Port] = {}  # MAC -> local port
         self.remote: dict[bytes, tuple[str, int]] = {}  # MAC -> (VTEP address, port): the FDB
@@ -111,9 +141,17 @@ def _drop(counters: Counters, reason: str) -> None:
 class Switch:
     """All VNIs of one host.  ``from_tap`` and ``from_underlay`` are the hot path."""
 
-    def __init__(self, write_fd: WriteFd, send_udp: SendUdp, data_port: int = 4789) -> None:
+    def __init__(
+        self,
+        write_fd: WriteFd,
+        send_udp: SendUdp,
+        data_port: int = 4789,
+        send_esp: SendEsp | None = None,
+    ) -> None:
         self._write = write_fd
         self._send = send_udp
+        self._send_esp_raw: SendEsp = send_esp or _no_esp_socket
+        self.sadb: SADB | None = None  # the node's ESP SAs, once the manager sent ipsec keys
         self.data_port = data_port
         self.nets: dict[int, Net] = {}
         self.ports: dict[str, Port] = {}
@@ -146,6 +184,9 @@ class Switch:
         if vtep is None:
             _drop(net.counters, "no_route_out" if dst == net.spec.gateway_mac else "unknown_dst")
             return
+        if net.encrypted:
+            self._send_esp(net, frame, vtep[0])
+            return
         try:
             self._send((net.hdr, frame), vtep)
         except BlockingIOError:
@@ -158,8 +199,63 @@ class Switch:
         c.tx_frames += 1
         c.tx_bytes += n
 
+    def _send_esp(self, net: Net, frame: bytes, vtep: str) -> None:
+        """ESP transport mode over the VXLAN datagram: UDP header + VXLAN + frame, encrypted."""
+        sadb = self.sadb
+        if sadb is None:
+            _drop(net.counters, "esp_no_keys")
+            return
+        n = len(frame)
+        udp = _UDP.pack(self.data_port, self.data_port, 16 + n, 0)  # checksum 0 (RFC 7348)
+        try:
+            packet = sadb.tx(_ip(vtep)).encrypt(udp + net.hdr + frame)
+        except SequenceExhausted:
+            _drop(net.counters, "esp_seq_exhausted")
+            return
+        try:
+            self._send_esp_raw(packet, vtep)
+        except BlockingIOError:
+            _drop(net.counters, "underlay_busy")
+            return
+        except OSError:
+            _drop(net.counters, "underlay_error")
+            return
+        c = net.counters
+        c.tx_frames += 1
+        c.tx_bytes += n
+        c.esp_tx += 1
+
+    def from_esp(self, packet: memoryview, src: str) -> None:
+        """An IPv4 packet of protocol 50 (a raw socket gives the IP header too)."""
+        n = len(packet)
+        ihl = (packet[0] & 0x0F) * 4 if n else 0
+        if n < ihl + 8 or ihl < 20:
+            _drop(self.counters, "esp_truncated")
+            return
+        esp = packet[ihl:]
+        sadb = self.sadb
+        sa = None if sadb is None else sadb.rx(int.from_bytes(esp[0:4], "big"))
+        if sa is None and sadb is not None:  # a peer we have not programmed yet: derive its SAs
+            sadb.add_peer(_ip(src))
+            sa = sadb.rx(int.from_bytes(esp[0:4], "big"))
+        if sa is None:
+            _drop(self.counters, "esp_unknown_spi")
+            return
+        try:
+            next_header, payload = sa.decrypt_untrusted(esp)
+        except BadPacket as exc:
+            _drop(self.counters, exc.reason)
+            return
+        if next_header != 17 or len(payload) < 8 or _UDP.unpack_from(payload)[1] != self.data_port:
+            _drop(self.counters, "esp_not_vxlan")
+            return
+        self._from_vxlan(memoryview(payload)[8:], encrypted=True)
+
     def from_underlay(self, data: memoryview, src: tuple[str, int]) -> None:
         """A UDP datagram that arrived on the data port: it must be VXLAN for a known VNI."""
+        self._from_vxlan(data, encrypted=False)
+
+    def _from_vxlan(self, data: memoryview, encrypted: bool) -> None:
         n = len(data)
         if n < VXLAN_HLEN + ETH_HLEN:
             _drop(self.counters, "vxlan_truncated" if n < VXLAN_HLEN else "inner_truncated")
@@ -172,6 +268,9 @@ class Switch:
         if net is None:
             _drop(self.counters, "unknown_vni")
             return
+        if net.encrypted and not encrypted:  # CVE-2023-28841: never accept cleartext here
+            _drop(net.counters, "plaintext_on_encrypted_vni")
+            return
         if n - VXLAN_HLEN > net.max_frame:
             _drop(net.counters, "too_big")
             return
@@ -182,6 +281,8 @@ class Switch:
         c = net.counters
         c.rx_frames += 1
         c.rx_bytes += n - VXLAN_HLEN
+        if encrypted:
+            c.esp_rx += 1
         self._write_port(port, data[VXLAN_HLEN:])
 
     def _deliver(self, port: Port, frame: bytes) -> None:

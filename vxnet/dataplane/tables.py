@@ -34,6 +34,7 @@ class NetworkSpec:
     subnet: ipaddress.IPv4Network
     gateway: ipaddress.IPv4Address
     mtu: int = DEFAULT_MTU
+    encrypted: bool = False  # every VXLAN datagram travels as ESP; plaintext is dropped
 
     @property
     def gateway_mac(self) -> bytes:
@@ -96,4 +97,28 @@ class SetUnderlay:
     port: int
 
 
-TableUpdate = AddNetwork | RemoveNetwork | AddPort | RemovePort | AddPeer | RemovePeer | SetUnderlay
+@dataclass(frozen=True, slots=True)
+class SetIpsecKeys:
+    """The manager's ``networking:ipsec`` keyring: (Lamport tag, 16-byte key) x 3."""
+
+    keys: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResetEspPeer:
+    """A peer restarted (new gossip identity): its sequence numbers start again at 1."""
+
+    vtep: ipaddress.IPv4Address
+
+
+TableUpdate = (
+    AddNetwork
+    | RemoveNetwork
+    | AddPort
+    | RemovePort
+    | AddPeer
+    | RemovePeer
+    | SetUnderlay
+    | SetIpsecKeys
+    | ResetEspPeer
+)

@@ -274,7 +274,11 @@ def parse_addr(text: str) -> tuple[str, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vxnet.gossip.node", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m vxnet.gossip.node",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--name", required=True)
     parser.add_argument("--bind", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7946)

@@ -13,6 +13,7 @@ from typing import Any
 from vxnet.daemon.containers import check_name
 from vxnet.dataplane.tables import DEFAULT_MTU, DEFAULT_UNDERLAY_MTU, VXLAN_OVERHEAD
 from vxnet.errors import Conflict, NotFound, UsageError
+from vxnet.esp.sadb import encrypted_mtu
 from vxnet.manager.cluster import Cluster, new_id
 from vxnet.manager.ipam import (
     VXLANID_LIST_OPTION,
@@ -26,15 +27,17 @@ from vxnet.manager.ipam import (
 
 MTU_OPTION = "com.docker.network.driver.mtu"
 ENCRYPTED_OPTION = "encrypted"
-ESP_OVERHEAD = 26  # ESP header, IV, padding, trailer and ICV; Docker's figure
+#: The network MTU of an encrypted overlay: underlay - 50 - ESP's expansion, rounded down to a
+#: multiple of 4.  ESP with vxnet's ICV of 16 bytes expands a datagram by 34 bytes (SPI, sequence
+#: number, IV, pad length, next header, ICV): 1416.  Docker's ICV of 8 gives its 1424.
+ENCRYPTED_MTU = encrypted_mtu(DEFAULT_UNDERLAY_MTU)
 KNOWN_OPTIONS = {MTU_OPTION, ENCRYPTED_OPTION, VXLANID_LIST_OPTION}
 INGRESS = "ingress"
 
 
 def network_mtu(options: dict[str, str]) -> int:
     encrypted = ENCRYPTED_OPTION in options
-    default = DEFAULT_MTU - ESP_OVERHEAD if encrypted else DEFAULT_MTU
-    default -= default % 4 if encrypted else 0
+    default = ENCRYPTED_MTU if encrypted else DEFAULT_MTU
     if MTU_OPTION not in options:
         return default
     try:
@@ -43,7 +46,7 @@ def network_mtu(options: dict[str, str]) -> int:
         raise UsageError(
             f"invalid {MTU_OPTION} {options[MTU_OPTION]!r}: a number is needed"
         ) from None
-    ceiling = DEFAULT_UNDERLAY_MTU - VXLAN_OVERHEAD - (ESP_OVERHEAD if encrypted else 0)
+    ceiling = ENCRYPTED_MTU if encrypted else DEFAULT_UNDERLAY_MTU - VXLAN_OVERHEAD
     if not 576 <= mtu <= ceiling:
         raise UsageError(
             f"{MTU_OPTION}={mtu} is out of range: the network MTU must be 576-{ceiling} on a "
