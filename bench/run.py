@@ -62,11 +62,16 @@ class Side:
         out: dict[str, float] = {}
         if self.bits_per_second:
             gbps = [b / 1e9 for b in self.bits_per_second]
-            out |= {"gbps_min": min(gbps), "gbps_median": statistics.median(gbps),
-                    "gbps_max": max(gbps)}  # fmt: skip
+            out |= {
+                "gbps_min": min(gbps),
+                "gbps_median": statistics.median(gbps),
+                "gbps_max": max(gbps),
+            }
         if self.rtt_ms:
-            out |= {"rtt_p50_ms": percentile(self.rtt_ms, 50),
-                    "rtt_p99_ms": percentile(self.rtt_ms, 99)}  # fmt: skip
+            out |= {
+                "rtt_p50_ms": percentile(self.rtt_ms, 50),
+                "rtt_p99_ms": percentile(self.rtt_ms, 99),
+            }
         return out
 
 
@@ -156,11 +161,13 @@ def bench_kernel(duration: int, repeats: int) -> Side:
             srv, cli = pair.containers  # srv behind h1, cli behind h2, as on the vxnet side
             server = subprocess.Popen(
                 netns.exec_argv(srv.namespace, ["iperf3", "-s", "-p", str(IPERF_PORT)]),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
-                measure(side, _runner(cli.namespace), _runner(srv.namespace), srv.ip,
-                        duration, repeats)  # fmt: skip
+                measure(
+                    side, _runner(cli.namespace), _runner(srv.namespace), srv.ip, duration, repeats
+                )
             finally:
                 server.terminate()
                 server.wait(timeout=10)
@@ -170,23 +177,60 @@ def bench_kernel(duration: int, repeats: int) -> Side:
     return side
 
 
-def bench_vxnet(duration: int, repeats: int) -> tuple[Side, str]:
-    side = Side("vxnet")
+def bench_vxnet(duration: int, repeats: int, encrypted: bool = False) -> tuple[list[Side], str]:
+    """vxnet plain, and (with ``encrypted``) an encrypted overlay beside it in the same lab."""
+    sides = [Side("vxnet")] + ([Side("vxnet encrypted")] if encrypted else [])
     name = "benchv" + secrets.token_hex(3)
     dataplane = DATAPLANE
     progress(f"vxnet: building lab {name} (2 hosts)")
     try:
         with Lab(hosts=2, name=name) as lab:
-            srv = lab.run("h1", "srv", "front", "iperf3")
-            cli = lab.run("h2", "cli", "front", "idle")
             info = lab.client("h1").get("/info")
             dataplane = str(info.get("dataplane", DATAPLANE))
-            measure(side, _runner(cli["netns"]), _runner(srv["netns"]), srv["ip"],
-                    duration, repeats)  # fmt: skip
-    except Exception as exc:  # report this side as failed; Lab.__exit__ has torn it down
-        side.error = f"{type(exc).__name__}: {exc}"
-    _check_removed(side, f"vx-{name}-")
-    return side, dataplane
+            networks = ["front"]
+            if encrypted:
+                lab.manager.post(
+                    "/swarm/networks",
+                    {"name": "secret", "attachable": True, "options": ["encrypted"]},
+                )
+                networks.append("secret")
+            for side, net in zip(sides, networks, strict=True):
+                progress(f"{side.name}: network {net}")
+                try:
+                    srv = lab.run("h1", f"srv-{net}", net, "iperf3")
+                    cli = lab.run("h2", f"cli-{net}", net, "idle")
+                    measure(
+                        side,
+                        _runner(cli["netns"]),
+                        _runner(srv["netns"]),
+                        srv["ip"],
+                        duration,
+                        repeats,
+                    )
+                except Exception as exc:  # this side failed; the other may still be measured
+                    side.error = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # report as failed; Lab.__exit__ has torn it down
+        for side in sides:
+            side.error = side.error or f"{type(exc).__name__}: {exc}"
+    for side in sides:
+        _check_removed(side, f"vx-{name}-")
+    return sides, dataplane
+
+
+def aes_gcm_ceiling(seconds: float = 0.5) -> dict[str, float]:
+    """The raw AES-128-GCM rate of this machine (one core, cryptography's AESGCM), Gbit/s."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead = AESGCM(bytes(16))
+    out: dict[str, float] = {}
+    for size in (1400, 65536):
+        data, nonce, n = bytes(size), bytes(12), 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            aead.encrypt(nonce, data, None)
+            n += 1
+        out[f"gbps_{size}"] = n * size * 8 / (time.perf_counter() - t0) / 1e9
+    return out
 
 
 def _check_removed(side: Side, prefix: str) -> None:
@@ -226,18 +270,29 @@ def _ratio(vx: float | None, k: float | None) -> str:
     return f"{vx / k:.3f}"
 
 
-def render(mach: dict[str, Any], kernel: Side, vx: Side, dataplane: str, duration: int,
-           repeats: int) -> str:  # fmt: skip
-    ks, vs = kernel.summary(), vx.summary()
+def render(
+    mach: dict[str, Any],
+    sides: list[Side],
+    dataplane: str,
+    duration: int,
+    repeats: int,
+    ceiling: dict[str, float] | None,
+) -> str:
+    sums = [s.summary() for s in sides]
     cpu = f" ({mach['cpu']})" if mach["cpu"] else ""
+    head = "".join(f"{s.name:>18}" for s in sides)
+    ratios = [("vxnet/kernel", 1, 0)] + (
+        [("enc/kernel", 2, 0), ("enc/plain", 2, 1)] if len(sides) > 2 else []
+    )
     lines = [
-        "vxnet bench: kernel VXLAN vs vxnet, same two-host namespace topology (VNI 4097, MTU 1450)",
+        "vxnet bench: kernel VXLAN vs vxnet, same two-host namespace topology (MTU 1450; "
+        "encrypted: 1416)",
         f"machine: {mach['nproc']} CPUs{cpu}, Linux {mach['kernel']}, {mach['python']}",
         f"vxnet dataplane: {dataplane}",
         f"iperf3: 1 TCP stream, {duration} s x {repeats}; "
         f"ping: {PING_COUNT} echoes, one every {float(PING_INTERVAL) * 1000:.0f} ms",
         "",
-        f"{'':26}{'kernel VXLAN':>14}{'vxnet':>14}{'vxnet/kernel':>14}",
+        f"{'':22}{head}" + "".join(f"{r[0]:>14}" for r in ratios),
     ]
     rows = [
         ("TCP Gbit/s   median", "gbps_median"),
@@ -247,25 +302,40 @@ def render(mach: dict[str, Any], kernel: Side, vx: Side, dataplane: str, duratio
         ("ping RTT ms  p99", "rtt_p99_ms"),
     ]
     for label, key in rows:
-        k, v = ks.get(key), vs.get(key)
-        lines.append(f"{label:26}{_fmt(k):>14}{_fmt(v):>14}{_ratio(v, k):>14}")
-    loss = [f"{len(s.rtt_ms)}/{s.pings_sent}" if s.pings_sent else "failed" for s in (kernel, vx)]
-    lines.append(f"{'ping replies':26}{loss[0]:>14}{loss[1]:>14}")
-    for s in (kernel, vx):
+        vals = [sm.get(key) for sm in sums]
+        line = f"{label:22}" + "".join(f"{_fmt(v):>18}" for v in vals)
+        line += "".join(f"{_ratio(vals[a], vals[b]):>14}" for _, a, b in ratios)
+        lines.append(line)
+    replies = [f"{len(s.rtt_ms)}/{s.pings_sent}" if s.pings_sent else "failed" for s in sides]
+    lines.append(f"{'ping replies':22}" + "".join(f"{r:>18}" for r in replies))
+    if ceiling is not None:
+        lines += [
+            "",
+            f"encryption ceiling on this machine (raw AES-128-GCM, one core): "
+            f"{ceiling['gbps_1400']:.2f} Gbit/s at 1400 B, {ceiling['gbps_65536']:.2f} Gbit/s "
+            "at 64 KB",
+            "kernel ESP: not measured -- this kernel has no ESP/GCM (CONFIG_INET_ESP, "
+            "CONFIG_CRYPTO_GCM off), so it cannot be a baseline here",
+        ]
+    for s in sides:
         if not s.ok:
             lines.append(f"{s.name} FAILED: {s.error or 'incomplete measurement'}")
     return "\n".join(lines)
 
 
-def run_bench(duration: int = 10, repeats: int = 3, json_path: str | None = None) -> int:
-    """Measure both sides, print one table; 0 if both sides were measured, 1 otherwise."""
+def run_bench(
+    duration: int = 10, repeats: int = 3, json_path: str | None = None, encrypted: bool = False
+) -> int:
+    """Measure every side, print one table; 0 if all were measured, 1 otherwise."""
     if os.geteuid() != 0:
         print("vxnet bench needs root (network namespaces): run it with sudo", file=sys.stderr)
         return 1
     mach = machine()
     kernel = bench_kernel(duration, repeats)
-    vx, dataplane = bench_vxnet(duration, repeats)
-    print(render(mach, kernel, vx, dataplane, duration, repeats), flush=True)
+    vx_sides, dataplane = bench_vxnet(duration, repeats, encrypted)
+    sides = [kernel, *vx_sides]
+    ceiling = aes_gcm_ceiling() if encrypted else None
+    print(render(mach, sides, dataplane, duration, repeats, ceiling), flush=True)
     if json_path:
         doc = {
             "machine": mach,
@@ -276,8 +346,9 @@ def run_bench(duration: int = 10, repeats: int = 3, json_path: str | None = None
                 "ping_count": PING_COUNT,
                 "ping_interval_s": float(PING_INTERVAL),
             },
-            "sides": {s.name: dict(asdict(s), summary=s.summary(), ok=s.ok) for s in (kernel, vx)},
+            "aes_gcm_ceiling_gbps": ceiling,
+            "sides": {s.name: dict(asdict(s), summary=s.summary(), ok=s.ok) for s in sides},
         }
         Path(json_path).write_text(json.dumps(doc, indent=1) + "\n")
         progress(f"raw samples and summary written to {json_path}")
-    return 0 if kernel.ok and vx.ok else 1
+    return 0 if all(s.ok for s in sides) else 1

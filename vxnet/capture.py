@@ -142,6 +142,22 @@ def _explain_outer(frame: bytes, out: list[str], ind: str) -> None:
     _explain_inner(vx.payload, out, ind + "  ")
 
 
+def explain_vxlan(udp_datagram: bytes, indent: str = "  ") -> list[str]:
+    """A UDP datagram (header included) carrying VXLAN, e.g. what ESP decrypted."""
+    lines: list[str] = []
+    try:
+        udp = decode_udp_untrusted(udp_datagram)
+        lines.append(f"{indent}UDP       {udp.sport} -> {udp.dport}  length {len(udp.payload) + 8}")
+        vx = decode_vxlan_untrusted(udp.payload)
+        lines.append(
+            f"{indent}VXLAN     flags 0x{vx.flags:02x} (I={vx.flags >> 3 & 1})  VNI {vx.vni}"
+        )
+        _explain_inner(vx.payload, lines, indent + "  ")
+    except BadPacket as exc:
+        lines.append(f"{indent}(undecodable: {exc.reason})")
+    return lines
+
+
 def _explain_inner(frame: bytes, out: list[str], ind: str) -> None:
     eth = decode_ethernet_untrusted(frame)
     out.append(

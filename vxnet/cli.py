@@ -449,11 +449,16 @@ def _drops(drops: dict[str, int]) -> str:
 @click.option("--duration", type=click.IntRange(1, 600), default=10, help="Seconds per iperf3 run.")
 @click.option("--repeats", type=click.IntRange(1, 20), default=3)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
-def bench(duration: int, repeats: int, json_path: str | None) -> None:
+@click.option(
+    "--encrypted", is_flag=True, help="Also an encrypted overlay, and the AES-GCM ceiling."
+)
+def bench(duration: int, repeats: int, json_path: str | None, encrypted: bool) -> None:
     """Kernel VXLAN vs vxnet, side by side in one run: TCP throughput and ping RTT."""
     from bench.run import run_bench
 
-    sys.exit(run_bench(duration=duration, repeats=repeats, json_path=json_path))
+    sys.exit(
+        run_bench(duration=duration, repeats=repeats, json_path=json_path, encrypted=encrypted)
+    )
 
 
 # swarm, node, network and service commands register themselves on `cli`
