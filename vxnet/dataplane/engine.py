@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ipaddress
+import logging
 import os
 import select
 import socket
@@ -30,6 +31,7 @@ from vxnet.dataplane.tables import (
 from vxnet.errors import VxnetError
 from vxnet.esp.sadb import SADB
 
+log = logging.getLogger("vxnet.dataplane")
 BATCH = 256  # frames drained per readiness event before looking at other fds
 RECV_BUF = 65536 + 64
 SOCKET_BUFFER = 4 * 1024 * 1024
@@ -92,11 +94,14 @@ class Dataplane:
         """Runs in the dataplane thread.  Docker's rotation order lives in SADB.set_keys."""
         self._ipsec_keys = update.keys
         if self.switch.sadb is None:
-            self.switch.sadb = SADB(ipaddress.IPv4Address(self.underlay_addr))
+            sadb = SADB(ipaddress.IPv4Address(self.underlay_addr))
+            sadb.set_keys(update.keys)  # keys first: add_peer refuses a SADB without keys
             for net in self.switch.nets.values():
                 for vtep, _ in net.remote.values():
-                    self.switch.sadb.add_peer(ipaddress.IPv4Address(vtep))
-        self.switch.sadb.set_keys(update.keys)
+                    sadb.add_peer(ipaddress.IPv4Address(vtep))
+            self.switch.sadb = sadb
+        else:
+            self.switch.sadb.set_keys(update.keys)
 
     def _apply_esp(self, update: TableUpdate) -> None:
         sadb = self.switch.sadb
@@ -146,6 +151,22 @@ class Dataplane:
     # ---------------------------------------------------------------------- the loop
 
     def _run(self) -> None:
+        """The thread: a bug while handling one batch is logged and counted, never fatal.
+
+        A dataplane that silently stops is the worst failure a node can have, so an
+        unexpected exception (a bug: decoders raise only BadPacket, which the switch counts)
+        becomes the drop reason ``internal_error`` and the loop goes on.
+        """
+        while self._running:
+            try:
+                self._loop()
+            except Exception:
+                drops = self.switch.counters.drops
+                drops["internal_error"] = drops.get("internal_error", 0) + 1
+                if drops["internal_error"] <= 10:
+                    log.exception("dataplane: unexpected error while handling frames")
+
+    def _loop(self) -> None:
         buf = bytearray(RECV_BUF)
         view = memoryview(buf)
         switch = self.switch

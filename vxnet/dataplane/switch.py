@@ -235,7 +235,9 @@ class Switch:
         esp = packet[ihl:]
         sadb = self.sadb
         sa = None if sadb is None else sadb.rx(int.from_bytes(esp[0:4], "big"))
-        if sa is None and sadb is not None:  # a peer we have not programmed yet: derive its SAs
+        if sa is None and sadb is not None and _ip(src) != sadb.local:
+            # a peer we have not programmed yet: derive its SAs (never for our own address: a
+            # local sender; add_peer would raise and end the dataplane thread)
             sadb.add_peer(_ip(src))
             sa = sadb.rx(int.from_bytes(esp[0:4], "big"))
         if sa is None:

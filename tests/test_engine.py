@@ -1,0 +1,42 @@
+"""The dataplane thread itself: a bug in one batch is counted and survived (root: raw socket)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from vxnet.dataplane.engine import Dataplane
+
+pytestmark = pytest.mark.root
+
+
+def test_an_unexpected_error_is_counted_and_the_thread_goes_on(monkeypatch: Any) -> None:
+    dp = Dataplane("127.0.0.1", 47891)
+    calls: list[bytes] = []
+
+    def buggy(data: memoryview, src: Any) -> None:
+        calls.append(bytes(data))
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(dp.switch, "from_underlay", buggy)
+    dp.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"first", ("127.0.0.1", 47891))
+            deadline = time.monotonic() + 5
+            while (
+                not dp.switch.counters.drops.get("internal_error") and time.monotonic() < deadline
+            ):
+                time.sleep(0.01)
+            s.sendto(b"second", ("127.0.0.1", 47891))
+            while len(calls) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert dp.switch.counters.drops["internal_error"] == 1
+        assert calls == [b"first", b"second"]  # the thread survived the bug
+        assert dp._thread is not None and dp._thread.is_alive()
+    finally:
+        dp.close()
