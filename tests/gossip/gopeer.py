@@ -17,6 +17,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -285,3 +286,60 @@ class GoNode:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ------------------------------------------------------------------ mixed clusters (test_interop)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class VxNode(GoNode):
+    """``python -m vxnet.gossip.node``: a vxnet node with gopeer's command line and JSON lines,
+    so a test drives Go and vxnet nodes alike (``wait_for``, ``command``, ``send``, ``stop``)."""
+
+    def __init__(
+        self,
+        name: str,
+        bind: str,
+        port: int,
+        *,
+        keys: Iterable[bytes] = (),
+        join: Iterable[str] = (),
+        members_interval: float = 1.0,
+        extra: Sequence[str] = (),
+    ) -> None:
+        args = [sys.executable, "-m", "vxnet.gossip.node", "--name", name, "--bind", bind]
+        args += ["--port", str(port), f"--members-interval={members_interval}s"]
+        for key in keys:
+            args += ["--key", key.hex()]
+        for seed in join:
+            args += ["--join", seed]
+        self.name = name
+        self.events = queue.Queue()
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
+        self._proc = subprocess.Popen(
+            [*args, *extra],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            cwd=REPO,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+
+def kill(node: GoNode) -> None:
+    """SIGKILL: a crash, nothing is gossiped.  ``stop()`` afterwards only cleans up."""
+    if node._proc.poll() is None:
+        node._proc.kill()
+    node._proc.wait()
+
+
+def running(node: GoNode) -> bool:
+    return node._proc.poll() is None

@@ -22,13 +22,17 @@
 //	      unstream {data, keys, verify}  -> {type, rest}         net.go readStream
 //
 //	gopeer node --name N --bind IP --port P [--advertise IP] [--key HEX ...] [--join IP:PORT ...]
-//	            [--label L] [--members-interval 1s] [--no-compress]
+//	            [--label L] [--members-interval 1s] [--no-compress] [--log-events]
 //	    A real memberlist node (DefaultLANConfig).  Prints one JSON line per event on stdout:
 //	    ready, join/leave/update, msg (user message received, hex), merge (remote user state),
 //	    members (every --members-interval and on SIGUSR1 or the "members" command), sent,
-//	    error, shutdown.  Stdin commands: {"op":"send","node":N,"data":HEX,"reliable":bool},
-//	    {"op":"broadcast","data":HEX}, {"op":"set_local_state","data":HEX}, {"op":"members"},
-//	    {"op":"leave"}.  SIGTERM/SIGINT or "leave": Leave + Shutdown, exit 0.
+//	    keys (after a key command: the installed keys, primary first), log (memberlist's log
+//	    lines, with --log-events; they always go to stderr), error, shutdown.  Stdin commands:
+//	    {"op":"send","node":N,"data":HEX,"reliable":bool}, {"op":"broadcast","data":HEX},
+//	    {"op":"set_local_state","data":HEX}, {"op":"members"}, {"op":"install_key","key":HEX},
+//	    {"op":"use_key","key":HEX}, {"op":"remove_key","key":HEX} (memberlist's Keyring
+//	    AddKey/UseKey/RemoveKey, as Docker rotates keys), {"op":"leave"}.
+//	    SIGTERM/SIGINT or "leave": Leave + Shutdown, exit 0.
 package main
 
 import (
@@ -791,6 +795,7 @@ type delegate struct {
 	mu         sync.Mutex
 	localState []byte
 	queue      *memberlist.TransmitLimitedQueue
+	keyring    *memberlist.Keyring
 }
 
 func (d *delegate) NodeMeta(limit int) []byte { return nil }
@@ -902,6 +907,7 @@ func buildConfig(fs *flag.FlagSet, args []string, d *delegate) *memberlist.Confi
 	advertise := fs.String("advertise", "", "advertise address (default: bind)")
 	label := fs.String("label", "", "memberlist v0.3 label (no encryption)")
 	noCompress := fs.Bool("no-compress", false, "disable compression")
+	logEvents := fs.Bool("log-events", false, "also print memberlist's log lines as log events")
 	var keys multiFlag
 	fs.Var(&keys, "key", "hex AES key (repeat; first is primary)")
 	fs.Parse(args)
@@ -919,6 +925,9 @@ func buildConfig(fs *flag.FlagSet, args []string, d *delegate) *memberlist.Confi
 	conf.Events = events{}
 	conf.Delegate = d
 	conf.LogOutput = os.Stderr
+	if *logEvents {
+		conf.LogOutput = io.MultiWriter(os.Stderr, logEmitter{})
+	}
 	if len(keys) > 0 {
 		raw := unhexAll(keys)
 		ring, err := memberlist.NewKeyring(raw, raw[0])
@@ -926,6 +935,7 @@ func buildConfig(fs *flag.FlagSet, args []string, d *delegate) *memberlist.Confi
 			fatal("keyring: %v", err)
 		}
 		conf.Keyring = ring
+		d.keyring = ring
 		conf.GossipVerifyIncoming, conf.GossipVerifyOutgoing = true, true
 	}
 	if *label != "" {
@@ -974,7 +984,44 @@ type nodeCmd struct {
 	Op       string `json:"op"`
 	Node     string `json:"node"`
 	Data     string `json:"data"`
+	Key      string `json:"key"`
 	Reliable bool   `json:"reliable"`
+}
+
+// logEmitter turns each line memberlist logs into a {"event":"log"} line on stdout.
+type logEmitter struct{}
+
+func (logEmitter) Write(b []byte) (int, error) {
+	out.emit(map[string]interface{}{"event": "log", "line": strings.TrimRight(string(b), "\n")})
+	return len(b), nil
+}
+
+// keyCommand runs install_key/use_key/remove_key on the node's keyring and reports the keys.
+func keyCommand(d *delegate, c *nodeCmd) error {
+	if d.keyring == nil {
+		return fmt.Errorf("this node has no keyring (start it with --key)")
+	}
+	key, err := hex.DecodeString(c.Key)
+	if err != nil {
+		return err
+	}
+	switch c.Op {
+	case "install_key":
+		err = d.keyring.AddKey(key)
+	case "use_key":
+		err = d.keyring.UseKey(key)
+	default:
+		err = d.keyring.RemoveKey(key)
+	}
+	if err != nil {
+		return err
+	}
+	var keys []string
+	for _, k := range d.keyring.GetKeys() {
+		keys = append(keys, hex.EncodeToString(k))
+	}
+	out.emit(map[string]interface{}{"event": "keys", "op": c.Op, "keys": keys})
+	return nil
 }
 
 func nodeCommand(m *memberlist.Memberlist, d *delegate, c *nodeCmd) error {
@@ -1014,6 +1061,8 @@ func nodeCommand(m *memberlist.Memberlist, d *delegate, c *nodeCmd) error {
 	case "members":
 		printMembers(m)
 		return nil
+	case "install_key", "use_key", "remove_key":
+		return keyCommand(d, c)
 	case "leave":
 		stop(m)
 	}
