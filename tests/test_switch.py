@@ -273,3 +273,21 @@ def test_every_frame_is_forwarded_answered_or_counted(frames: list[tuple[bool, b
         else:
             sw.from_tap(sw.ports["a"], data)
         assert _accounted(sw, wire) == i
+
+
+def test_spoofed_esp_sources_cannot_grow_the_sa_table_without_bound(
+    rig: tuple[Switch, Wire],
+) -> None:
+    from vxnet.dataplane import switch as sw_mod
+    from vxnet.esp.sadb import SADB
+
+    sw, _ = rig
+    sw.sadb = SADB(ipaddress.IPv4Address("192.168.100.11"))
+    sw.sadb.set_keys([(1, bytes(16)), (2, bytes([1]) * 16), (3, bytes([2]) * 16)])
+    packet = bytes([0x45]) + bytes(19) + bytes.fromhex("deadbeef00000001") + bytes(40)
+    for i in range(sw_mod.LAZY_ESP_PEERS + 50):
+        sw.from_esp(memoryview(packet), f"10.99.{i // 250}.{i % 250 + 1}")
+    assert len(sw._lazy_esp_peers) == sw_mod.LAZY_ESP_PEERS
+    assert sw.counters.drops["esp_unknown_spi"] == sw_mod.LAZY_ESP_PEERS + 50
+    sw.from_esp(memoryview(packet), "192.168.100.11")  # our own address: never derived
+    assert "192.168.100.11" not in sw._lazy_esp_peers

@@ -48,6 +48,7 @@ _IPV6_UNSPECIFIED = bytes(16)
 
 WriteFd = Callable[[int, bytes | memoryview], int]
 SendEsp = Callable[[bytes, str], int]
+LAZY_ESP_PEERS = 64  # sources whose SAs may be derived from a first packet, at most
 _UDP = struct.Struct("!HHHH")
 
 
@@ -152,6 +153,7 @@ class Switch:
         self._send = send_udp
         self._send_esp_raw: SendEsp = send_esp or _no_esp_socket
         self.sadb: SADB | None = None  # the node's ESP SAs, once the manager sent ipsec keys
+        self._lazy_esp_peers: set[str] = set()  # sources whose SAs were derived on first packet
         self.data_port = data_port
         self.nets: dict[int, Net] = {}
         self.ports: dict[str, Port] = {}
@@ -235,10 +237,10 @@ class Switch:
         esp = packet[ihl:]
         sadb = self.sadb
         sa = None if sadb is None else sadb.rx(int.from_bytes(esp[0:4], "big"))
-        if sa is None and sadb is not None and _ip(src) != sadb.local:
-            # a peer we have not programmed yet: derive its SAs (never for our own address: a
-            # local sender; add_peer would raise and end the dataplane thread)
+        if sa is None and sadb is not None and self._may_derive_for(src, sadb.local):
+            # a peer we have not programmed yet (gossip is a moment behind): derive its SAs
             sadb.add_peer(_ip(src))
+            self._lazy_esp_peers.add(src)
             sa = sadb.rx(int.from_bytes(esp[0:4], "big"))
         if sa is None:
             _drop(self.counters, "esp_unknown_spi")
@@ -252,6 +254,18 @@ class Switch:
             _drop(self.counters, "esp_not_vxlan")
             return
         self._from_vxlan(memoryview(payload)[8:], encrypted=True)
+
+    def _may_derive_for(
+        self, src: str, local: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> bool:
+        """Derive SAs on demand only for a bounded set of sources, never for ourselves.
+
+        Each unknown source costs four SAs: an underlay sender spoofing many addresses must not
+        grow the table without bound (peers programmed from the FDB are not counted here).
+        """
+        if src in self._lazy_esp_peers:
+            return False  # already derived: the SPI is simply unknown
+        return _ip(src) != local and len(self._lazy_esp_peers) < LAZY_ESP_PEERS
 
     def from_underlay(self, data: memoryview, src: tuple[str, int]) -> None:
         """A UDP datagram that arrived on the data port: it must be VXLAN for a known VNI."""
