@@ -452,9 +452,24 @@ def _drops(drops: dict[str, int]) -> str:
 @click.option(
     "--encrypted", is_flag=True, help="Also an encrypted overlay, and the AES-GCM ceiling."
 )
-def bench(duration: int, repeats: int, json_path: str | None, encrypted: bool) -> None:
+@click.option(
+    "--gossip",
+    "gossip_args",
+    default=None,
+    help="Run the gossip simulation instead, e.g. --gossip '--nodes 100,1000 --loss 0,10'.",
+)
+def bench(
+    duration: int, repeats: int, json_path: str | None, encrypted: bool, gossip_args: str | None
+) -> None:
     """Kernel VXLAN vs vxnet, side by side in one run: TCP throughput and ping RTT."""
     from bench.run import run_bench
+
+    if gossip_args is not None:
+        import shlex
+
+        from bench.gossip_sim import main as gossip_main
+
+        sys.exit(gossip_main(shlex.split(gossip_args)))
 
     sys.exit(
         run_bench(duration=duration, repeats=repeats, json_path=json_path, encrypted=encrypted)
