@@ -209,3 +209,16 @@ def test_a_node_that_missed_the_join_broadcasts_learns_attachments_from_push_pul
     assert c.visible("n2", "blue") == {"e0": b"x"}  # bulk sync found a peer at once
     late.merge_remote_state(b"garbage")
     assert late.counters.get("drop_networkdb_not_msgpack", 0) == 1
+
+
+def test_set_keys_on_a_plain_service_shrinks_the_piggyback_budget() -> None:
+    import trio
+
+    from vxnet.gossip.service import ENCRYPTION_OVERHEAD, GossipService
+
+    async def main() -> None:
+        svc = GossipService("a", "127.0.0.1", 7946)
+        svc.set_keys([bytes(16)], bytes(16))
+        assert svc.ml.encryption_overhead == ENCRYPTION_OVERHEAD
+
+    trio.run(main)

@@ -112,7 +112,9 @@ class ReportingService(GossipService):
         if reliable:
             self._user_tcp(node, payload)
             return True
-        return self.ml.send_user(node, payload)
+        queued = self.ml.send_user(node, payload)
+        self._wake.set()  # send it now, not at the next gossip tick
+        return queued
 
     def change_keys(self, op: str, key: bytes) -> list[str]:
         """``install_key``/``use_key``/``remove_key``; the installed keys, primary first."""

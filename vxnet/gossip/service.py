@@ -114,6 +114,7 @@ class GossipService:
         """Docker's rotation order: add the new key, make the middle one primary, drop the old."""
         if self.keyring is None:
             self.keyring = Keyring(keys, primary)
+            self.ml.set_encryption_overhead(ENCRYPTION_OVERHEAD)  # piggyback budget shrinks
             return
         for key in keys:
             if key not in self.keyring.keys:
