@@ -115,9 +115,7 @@ def test_join_refusals_and_the_manager_keeps_serving(sw4: Lab) -> None:
     assert connected(sw4, "h2") and connected(sw4, "h3")
     mtoken = ok(cli(sw4, "swarm", "join-token", "-q", "manager")).strip()
     out = ok(cli(sw4, *join, mtoken, manager))
-    assert "as a manager" in out and "no high availability" in out.replace(
-        "adds no high", "no high"
-    )
+    assert "as a manager" in out and "adds no high availability" in out
     ok(cli(sw4, "-H", "h4", "swarm", "leave", "--force"))
     new = ok(cli(sw4, "swarm", "join-token", "-q", "worker")).strip()
     assert "as a worker" in ok(cli(sw4, *join, new, manager))

@@ -8,7 +8,6 @@ cleanup paths (``lab down`` after a crash, test finalizers) must be safe to run 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import time
@@ -16,7 +15,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
-from pyroute2.netlink.exceptions import NetlinkError
 
 from vxnet.errors import LabError
 
@@ -203,8 +201,3 @@ def _is_alive(pid: int) -> bool:
 def _check_ifname(name: str) -> None:
     if not name or len(name) > IFNAMSIZ or "/" in name or " " in name:
         raise LabError(f"interface name {name!r} must be 1-{IFNAMSIZ} characters")
-
-
-def describe_netlink_error(exc: NetlinkError) -> str:
-    code = exc.code if isinstance(exc.code, int) else 0
-    return f"{errno.errorcode.get(code, code)}: {exc}"

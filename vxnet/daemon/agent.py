@@ -24,6 +24,7 @@ import trio
 
 from vxnet.dataplane.tables import NetworkSpec, SetIpsecKeys, SetUnderlay
 from vxnet.errors import BadPacket, Conflict, NotFound, UsageError, VxnetError
+from vxnet.files import write_private
 from vxnet.manager import pki
 from vxnet.manager.proto import field_untrusted
 from vxnet.manager.server import Channel
@@ -75,20 +76,13 @@ class NodeFiles:
             ("ca.crt", ca),
             ("node.json", json.dumps(info, indent=1).encode()),
         ):
-            path = self.directory / name
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.chmod(0o600)
-            tmp.replace(path)
+            write_private(self.directory / name, data)
 
     def read(self, name: str) -> bytes:
         return (self.directory / name).read_bytes()
 
     def replace_cert(self, cert: bytes) -> None:
-        tmp = self.directory / "node.crt.tmp"
-        tmp.write_bytes(cert)
-        tmp.chmod(0o600)
-        tmp.replace(self.directory / "node.crt")
+        write_private(self.directory / "node.crt", cert)
 
 
 def spec_from_summary(net: dict[str, Any]) -> NetworkSpec:

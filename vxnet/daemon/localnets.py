@@ -18,6 +18,7 @@ from typing import Any
 
 from vxnet.daemon.containers import check_name
 from vxnet.errors import Conflict, NotFound, UsageError
+from vxnet.files import write_private
 
 GWBRIDGE = "docker_gwbridge"
 BRIDGE_OPTIONS = {
@@ -39,10 +40,7 @@ class LocalNetworks:
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.items, indent=1))
-        tmp.chmod(0o600)
-        tmp.replace(self.path)
+        write_private(self.path, json.dumps(self.items, indent=1))
 
     def create(
         self,

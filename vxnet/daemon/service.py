@@ -123,8 +123,6 @@ class Daemon:
         seq = self.dataplane.submit(update)
         await trio.to_thread.run_sync(self.dataplane.wait_applied, seq)
 
-    _program = program
-
     async def ensure_network(self, spec: NetworkSpec, network_id: str | None = None) -> None:
         """Program a swarm network (idempotent; a changed definition replaces the old one)."""
         if network_id is not None:
@@ -217,7 +215,7 @@ class Daemon:
                     raise Conflict(
                         f"subnet {spec.subnet} overlaps network {other.name} ({other.subnet})"
                     )
-            await self._program(AddNetwork(spec))
+            await self.program(AddNetwork(spec))
             self.networks[spec.name] = spec
         log.info("network %s vni %d subnet %s mtu %d", spec.name, spec.vni, spec.subnet, spec.mtu)
         return _network_json(spec)
@@ -235,7 +233,7 @@ class Daemon:
                     f"network {spec.name} has active endpoints ({', '.join(users)}): "
                     "remove them first"
                 )
-            await self._program(RemoveNetwork(spec.vni))
+            await self.program(RemoveNetwork(spec.vni))
             del self.networks[spec.name]
         return {"removed": spec.name}
 
@@ -292,7 +290,7 @@ class Daemon:
                 ctr.create_container, self.config.ns_prefix, name, attach
             )
             for (spec, ip), (endpoint, fd) in zip(attach, made, strict=True):
-                await self._program(
+                await self.program(
                     AddPort(spec.vni, endpoint.port_id(name), fd, endpoint_mac(ip), ip)
                 )
             endpoints = [e for e, _ in made]
@@ -304,7 +302,7 @@ class Daemon:
                 )
             except BaseException:
                 for endpoint in endpoints:
-                    await self._program(RemovePort(endpoint.port_id(name)))
+                    await self.program(RemovePort(endpoint.port_id(name)))
                 await trio.to_thread.run_sync(netns.remove, ns)
                 raise
             container.pid = container.proc.pid
@@ -329,7 +327,7 @@ class Daemon:
             for endpoint in c.endpoints:
                 if self.peers is not None:
                     await self.peers.endpoint_down(c.name, endpoint)
-                await self._program(RemovePort(endpoint.port_id(c.name)))
+                await self.program(RemovePort(endpoint.port_id(c.name)))
             await trio.to_thread.run_sync(ctr.destroy_container, c)
         if c.attached and self.attacher is not None:
             await self.attacher.detach(c.name)
@@ -429,13 +427,13 @@ class Daemon:
             raise UsageError(f"{ip} is not in network {spec.name} ({spec.subnet})")
         if mac[0] & 1:
             raise UsageError("an FDB entry needs a unicast MAC address")
-        await self._program(AddPeer(spec.vni, mac, ip, vtep, origin))  # type: ignore[arg-type]
+        await self.program(AddPeer(spec.vni, mac, ip, vtep, origin))  # type: ignore[arg-type]
         return {"network": spec.name, "mac": mac.hex(":"), "ip": str(ip), "vtep": str(vtep)}
 
     async def remove_fdb(self, req: Request) -> Any:
         spec = self._network(req.params["network"])
         mac = mac_from_str(req.params["mac"])
-        await self._program(RemovePeer(spec.vni, mac))
+        await self.program(RemovePeer(spec.vni, mac))
         return {"removed": mac.hex(":")}
 
     async def stats(self, req: Request) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 from vxnet import netns
 from vxnet.client import DaemonClient, DaemonUnavailable
 from vxnet.errors import LabError, NotFound, UsageError
+from vxnet.files import write_private
 from vxnet.lab.topology import HostSpec, LabSpec, check_lab_name
 
 RUN_ROOT = Path(os.environ.get("VXNET_RUN_DIR", "/run/vxnet"))
@@ -71,11 +72,7 @@ def load_state(lab: str) -> dict[str, Any]:
 
 
 def save_state(lab: str, state: dict[str, Any]) -> None:
-    path = state_path(lab)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    write_private(state_path(lab), json.dumps(state, indent=1))
 
 
 def list_labs() -> list[str]:
