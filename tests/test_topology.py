@@ -45,6 +45,12 @@ def test_data_port() -> None:
     assert parse_spec({}).data_port == 4789
 
 
+def test_swarm_settings() -> None:
+    spec = parse_spec({"swarm": {"key_rotation_interval": "2s", "esp_icv_length": 8}})
+    assert (spec.swarm, spec.key_rotation_interval, spec.esp_icv_length) == (True, "2s", 8)
+    assert parse_spec({}).esp_icv_length == 16
+
+
 def test_defaults() -> None:
     spec = default_spec("x", 4)
     assert [h.name for h in spec.hosts] == ["h1", "h2", "h3", "h4"]
@@ -74,6 +80,9 @@ def test_defaults() -> None:
         ({"container": [{"name": "c", "host": "h7", "network": "front"}]}, "no host"),
         ({"underlay": {"mtu": 100}}, "mtu must be"),
         ({"underlay": {"data_port": 80}}, "data_port must be"),
+        ({"swarm": {"esp_icv_length": 12}}, "esp_icv_length must be 8"),
+        ({"swarm": {"esp_icv_length": "8"}}, "must be a int"),
+        ({"swarm": {"icv": 8}}, "esp_icv_length"),
     ],
 )
 def test_bad_lab_files_are_explained(data: dict[str, Any], needle: str) -> None:

@@ -50,6 +50,12 @@ def swarm() -> None:
     "--key-rotation-interval", default="12h", help="How often the keys rotate (e.g. 12h, 2s)."
 )
 @click.option("--cert-expiry", default="2160h", help="Node certificate lifetime (default 90 days).")
+@click.option(
+    "--esp-icv-length",
+    type=click.Choice(["8", "16"]),
+    default="16",
+    help="ESP integrity tag of encrypted networks, bytes: 16 (default) or 8 as Docker (MTU 1424).",
+)
 @pass_ctx
 def swarm_init(
     ctx: Ctx,
@@ -60,6 +66,7 @@ def swarm_init(
     default_addr_pool_mask_length: int,
     key_rotation_interval: str,
     cert_expiry: str,
+    esp_icv_length: str,
 ) -> None:
     """Make this node the swarm's manager."""
     r = ctx.client().post(
@@ -72,6 +79,7 @@ def swarm_init(
             "default_addr_pool_mask_length": default_addr_pool_mask_length,
             "key_rotation_interval": key_rotation_interval,
             "cert_expiry": cert_expiry,
+            "esp_icv_length": int(esp_icv_length),
         },
     )
     click.echo(f"Swarm initialized: current node ({r['node_id']}) is now a manager.\n")

@@ -249,6 +249,25 @@ def test_encrypted_network(cluster: Cluster) -> None:
     assert plain["encrypted"] is False
 
 
+def test_docker_icv_swarm_gives_docker_mtu(store: Store) -> None:
+    """`swarm init --esp-icv-length 8`: ESP grows 26 bytes, not 34, and the MTU is Docker's 1424."""
+    cluster = initialize(store, esp_icv_length=8)
+    assert cluster.esp_icv_length == 8
+    assert Cluster(store, random.Random(9)).esp_icv_length == 8  # persisted
+    net = nets.create_network(cluster, "secret", NOW, options={"encrypted": ""})
+    assert net["mtu"] == 1424
+    with pytest.raises(UsageError, match="576-1424"):
+        nets.create_network(cluster, "big", NOW, options={"encrypted": "", MTU: "1425"})
+    assert nets.create_network(cluster, "plain", NOW)["mtu"] == 1450  # plain VXLAN: no ESP
+
+
+@pytest.mark.parametrize("icv", [0, 4, 12, 32])
+def test_other_icv_lengths_are_refused(store: Store, icv: int) -> None:
+    with pytest.raises(UsageError, match="esp-icv-length must be 8"):
+        initialize(store, esp_icv_length=icv)
+    assert store.get_value("cluster") is None
+
+
 def test_parse_options() -> None:
     assert nets.parse_options([]) == {}
     assert nets.parse_options(["encrypted", f"{MTU}=1400", f"{VXLANID}=5000,5001"]) == {
@@ -437,7 +456,7 @@ def test_summary_has_what_an_agent_needs(cluster: Cluster) -> None:
     }
 
 
-def test_used_addresses_counts_tasks_vips_and_attachments(cluster: Cluster) -> None:
+def test_used_addresses_counts_tasks_vips_attachments_and_lb_addresses(cluster: Cluster) -> None:
     node = ready_node(cluster, "w1", "192.168.50.11")
     net = nets.create_network(cluster, "web", NOW, attachable=True)
     svc = svcs.create_service(
@@ -446,5 +465,12 @@ def test_used_addresses_counts_tasks_vips_and_attachments(cluster: Cluster) -> N
     att = svcs.attach(cluster, node, "box", "web", None)["attachment"]
     expected = {IPv4Address(svc["vips"][net["id"]]), IPv4Address(att["ip"])}
     expected |= {IPv4Address(t["addresses"][net["id"]]) for t in svcs.tasks_of(cluster, svc["id"])}
+    lbs = {
+        IPv4Address(n["lb_addresses"][net["id"]])
+        for n in cluster.store.list("node")
+        if net["id"] in n.get("lb_addresses", {})
+    }
+    assert len(lbs) == len(cluster.store.list("node"))  # one per node with a task or attachment
+    expected |= lbs
     assert nets.used_addresses(cluster, net["id"]) == expected
-    assert len(expected) == 4
+    assert len(expected) == 4 + len(lbs)

@@ -80,11 +80,22 @@ def ingress_id(cluster: Cluster) -> str:
 
 
 def all_addresses(cluster: Cluster) -> list[tuple[str, str]]:
-    """Every (network id, IP) held by a task, a VIP or an attachment, duplicates kept."""
+    """Every (network id, IP) held by a task, a VIP, an attachment or a node's load balancer,
+    duplicates kept."""
     held = [(n, ip) for t in cluster.store.list("task") for n, ip in t["addresses"].items()]
     held += [(n, ip) for s in cluster.store.list("service") for n, ip in s["vips"].items()]
     held += [(a["network_id"], a["ip"]) for a in cluster.store.list("attachment")]
+    held += lb_addresses(cluster)
     return held
+
+
+def lb_addresses(cluster: Cluster, net_id: str | None = None) -> list[tuple[str, str]]:
+    return [
+        (n, ip)
+        for node in cluster.store.list("node")
+        for n, ip in node.get("lb_addresses", {}).items()
+        if net_id in (None, n)
+    ]
 
 
 def assert_addresses_sound(cluster: Cluster) -> None:
@@ -288,10 +299,6 @@ def test_same_published_port_is_refused(cluster: Cluster, three: list[str]) -> N
     svcs.create_service(cluster, NOW, name="web2", image="whoami", ports=["8080:81"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="published port 0 is stored as 0 and clashes; swarm picks one from 30000-32767",
-)
 def test_ingress_ports_without_a_published_number_get_dynamic_ones(
     cluster: Cluster, three: list[str]
 ) -> None:
@@ -300,6 +307,10 @@ def test_ingress_ports_without_a_published_number_get_dynamic_ones(
     published = {a["ports"][0]["published"], b["ports"][0]["published"]}
     assert len(published) == 2
     assert all(30000 <= p <= 32767 for p in published)
+    c = svcs.create_service(
+        cluster, NOW, name="c", image="whoami", ports=["target=53,protocol=udp"]
+    )
+    assert c["ports"][0]["published"] == 30000  # the ranges are per protocol, as ports are
 
 
 @pytest.mark.parametrize(
@@ -415,7 +426,10 @@ def test_node_down_moves_its_tasks(cluster: Cluster, three: list[str]) -> None:
             assert after[slot]["id"] != task["id"]
     assert sorted(t["node_id"] for t in tasks(cluster, "mon")) == sorted(three[1:])
     assert_addresses_sound(cluster)
-    assert len(nets.used_addresses(cluster, back["id"])) == 6 + 2 + 2  # tasks, global, VIPs
+    lbs = lb_addresses(cluster, back["id"])  # one per node with a task there, not the victim's
+    assert sorted(n["id"] for n in cluster.store.list("node") if back["id"] in n.get(
+        "lb_addresses", {})) == sorted(three[1:])  # fmt: skip
+    assert len(nets.used_addresses(cluster, back["id"])) == 6 + 2 + 2 + len(lbs)
     # The node returns: the global service comes back to it, replicas do not move back.
     assert cluster.heartbeat(victim, later + 1) is True
     svcs.reconcile(cluster, later + 1)
@@ -433,12 +447,16 @@ def test_remove_service_deletes_tasks_and_frees_ips(cluster: Cluster, three: lis
     svc = svcs.create_service(
         cluster, NOW, name="web", image="whoami", replicas=4, networks=["back"], ports=["80:80"]
     )
-    assert len(all_addresses(cluster)) == len(kept) + 4 * 2 + 2
+    # 4 tasks on back and ingress, 2 VIPs, and back's LB address on the 2 nodes "keep" is not on
+    assert len(all_addresses(cluster)) == len(kept) + 4 * 2 + 2 + 2
     assert svcs.remove_service(cluster, "web")["id"] == svc["id"]
     assert svcs.tasks_of(cluster, svc["id"]) == []
     assert set(all_addresses(cluster)) == kept
-    assert nets.used_addresses(cluster, ingress_id(cluster)) == set()
-    assert len(nets.used_addresses(cluster, back["id"])) == 2
+    # what stays on ingress: one ingress-sandbox address per node
+    ingress_lbs = {IPv4Address(ip) for _, ip in lb_addresses(cluster, ingress_id(cluster))}
+    assert len(ingress_lbs) == len(cluster.store.list("node"))
+    assert nets.used_addresses(cluster, ingress_id(cluster)) == ingress_lbs
+    assert len(nets.used_addresses(cluster, back["id"])) == 3  # keep: its task, VIP, LB address
     with pytest.raises(NotFound):
         svcs.remove_service(cluster, "web")
 
@@ -569,24 +587,32 @@ def test_assignments_are_exactly_the_nodes_tasks_and_networks(
     svcs.create_service(cluster, NOW, name="web", image="whoami", replicas=3, networks=["a"])
     svcs.attach(cluster, three[2], "box", "b", None)
     ing = ingress_id(cluster)
+
+    def expected_nets(node: str) -> set[str]:
+        return {ing, a["id"]} | ({b["id"]} if node == three[2] else set())
+
     for node in three:
         got = svcs.assignments(cluster, node)
         mine = [t for t in cluster.store.list("task") if t["node_id"] == node]
         assert sorted(t["id"] for t in got["tasks"]) == sorted(t["id"] for t in mine)
         assert len(got["tasks"]) == 1
         task = got["tasks"][0]
-        assert set(task) == {"id", "service_name", "slot", "container", "image", "cmd", "addresses"}
+        assert set(task) == {"id", "service_name", "slot", "container", "image", "cmd",
+                             "addresses", "service_id", "endpoint_mode", "vips", "ports",
+                             "host_ports"}  # fmt: skip
         assert task["service_name"] == "web"
+        assert task["vips"] == {a["id"]: svcs.find_service(cluster, "web")["vips"][a["id"]]}
+        assert set(got["lb_addresses"]) == expected_nets(node)
         net_ids = {n["id"] for n in got["networks"]}
-        expected = {ing, a["id"]} | ({b["id"]} if node == three[2] else set())
-        assert net_ids == expected
+        assert net_ids == expected_nets(node)
         assert unused["id"] not in net_ids
         assert all(set(n) == set(nets.summary(a)) for n in got["networks"])
     newcomer = add_node(cluster, 9)
-    assert svcs.assignments(cluster, newcomer) == {
-        "networks": [nets.summary(nets.find_network(cluster, "ingress"))],
-        "tasks": [],
-    }
+    svcs.reconcile(cluster, NOW)
+    got = svcs.assignments(cluster, newcomer)
+    assert got["networks"] == [nets.summary(nets.find_network(cluster, "ingress"))]
+    assert got["tasks"] == []
+    assert set(got["lb_addresses"]) == {ing}  # its ingress sandbox
 
 
 def test_assignments_drop_tasks_of_a_node_that_went_down(
@@ -801,3 +827,34 @@ class SwarmMachine(RuleBasedStateMachine):
 
 SwarmMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 test_random_operations_never_hand_out_an_address_twice = SwarmMachine.TestCase
+
+
+def test_lb_addresses_follow_the_nodes_tasks_and_attachments(
+    cluster: Cluster, three: list[str]
+) -> None:
+    """Docker's per-node ``lb-<net>`` endpoint: one address per node and network it is on,
+    released with its last task or attachment there; ingress has one on every node."""
+    net = nets.create_network(cluster, "app", NOW, attachable=True)
+
+    def holders() -> dict[str, str]:
+        return {
+            node["id"]: node["lb_addresses"][net["id"]]
+            for node in cluster.store.list("node")
+            if net["id"] in node.get("lb_addresses", {})
+        }
+
+    svcs.create_service(cluster, NOW, name="one", image="whoami", networks=["app"])
+    assert len(holders()) == 1
+    svcs.attach(cluster, three[2], "box", "app", None)
+    assert three[2] in holders()
+    first = dict(holders())
+    svcs.scale_service(cluster, "one", 3, NOW)
+    assert set(holders()) == set(three)
+    assert all(holders()[n] == ip for n, ip in first.items())  # an address never moves
+    svcs.scale_service(cluster, "one", 0, NOW)
+    assert set(holders()) == {three[2]}  # only the attachment keeps one
+    assert svcs.detach(cluster, three[2], "box")
+    assert holders() == {}
+    assert_addresses_sound(cluster)
+    ingress = ingress_id(cluster)
+    assert all(ingress in n["lb_addresses"] for n in cluster.store.list("node"))

@@ -25,6 +25,7 @@ from vxnet.daemon.agent import Agent, NodeFiles
 from vxnet.daemon.http import Request
 from vxnet.daemon.peers import Peers
 from vxnet.errors import BadPacket, Conflict, UsageError, VxnetError
+from vxnet.esp.sa import DEFAULT_ICV_LEN
 from vxnet.gossip.networkdb import decode_peer_record_untrusted
 from vxnet.gossip.service import GOSSIP_PORT, GossipService
 from vxnet.manager import networks as nets
@@ -197,6 +198,7 @@ class Swarm:
                 pools=pools,
                 mask_length=int(body.get("default_addr_pool_mask_length") or 24),
                 rotation_interval=interval,
+                esp_icv_length=int(body.get("esp_icv_length") or DEFAULT_ICV_LEN),
             )
             cluster.info["node_cert_lifetime"] = cert_expiry
             store.set_value("cluster", cluster.info)
@@ -465,6 +467,8 @@ class Swarm:
             ip_range=_text(body, "ip_range") or None,
             options=nets.parse_options(opts),
         )
+        if net["ingress"]:  # every node gets a sandbox (and an address) on the new ingress
+            services.sync_lb_addresses(cluster)
         self.changed()
         return net
 
@@ -474,7 +478,9 @@ class Swarm:
         return nets.inspect_network(cluster, net, verbose=req.query.get("verbose") == "1")
 
     async def h_network_rm(self, req: Request) -> Any:
-        net = nets.remove_network(self._require_manager(), req.params["ref"])
+        cluster = self._require_manager()
+        net = nets.remove_network(cluster, req.params["ref"])
+        services.sync_lb_addresses(cluster)  # releases the nodes' addresses on it
         self.changed()
         return {"removed": net["name"]}
 

@@ -219,7 +219,8 @@ def form_swarm(state: dict[str, Any], spec: LabSpec) -> None:
     first = spec.hosts[0].name
     manager = client(state, first)
     manager.post("/swarm/init", {"key_rotation_interval": spec.key_rotation_interval,
-                                 "data_path_port": spec.data_port})  # fmt: skip
+                                 "data_path_port": spec.data_port,
+                                 "esp_icv_length": spec.esp_icv_length})  # fmt: skip
     token = manager.get("/swarm/join-token/worker")["token"]
     remote = f"{state['hosts'][first]['address']}:2377"
     for host in spec.hosts[1:]:

@@ -16,6 +16,7 @@ mtu = 1450                           # optional: the network (inner) MTU
 [swarm]                              # optional: by default h1 runs `swarm init`, others join
 enabled = true                       # false: manual mode, the lab programs every FDB itself
 key_rotation_interval = "12h"        # e.g. "2s" to watch rotations
+esp_icv_length = 16                  # ESP's integrity tag: 16 bytes, or 8 as Docker
 [[container]]                        # optional: started by `lab up`
 name = "web1"
 host = "h1"
@@ -78,6 +79,7 @@ class LabSpec:
     data_port: int = 4789
     swarm: bool = True  # swarm init on the first host, the others join (False: manual mode)
     key_rotation_interval: str = "12h"
+    esp_icv_length: int = 16  # 8 as Docker (encrypted MTU 1424), 16 by default (1416)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -158,10 +160,19 @@ def parse_spec(
     networks = _parse_networks(data.get("network"), underlay_mtu, source)
     containers = _parse_containers(data.get("container", []), host_specs, networks, source)
     swarm_t = data.get("swarm", {})
-    if not isinstance(swarm_t, dict) or set(swarm_t) - {"enabled", "key_rotation_interval"}:
-        raise UsageError(f"{source}: [swarm] takes enabled = true|false, key_rotation_interval")
+    if not isinstance(swarm_t, dict) or set(swarm_t) - {
+        "enabled",
+        "key_rotation_interval",
+        "esp_icv_length",
+    }:
+        raise UsageError(
+            f"{source}: [swarm] takes enabled = true|false, key_rotation_interval, esp_icv_length"
+        )
     enabled = _get(swarm_t, "enabled", bool, f"{source} [swarm]", True)
     rotation = _get(swarm_t, "key_rotation_interval", str, f"{source} [swarm]", "12h")
+    icv = _get(swarm_t, "esp_icv_length", int, f"{source} [swarm]", 16)
+    if icv not in (8, 16):
+        raise UsageError(f"{source} [swarm]: esp_icv_length must be 8 (as Docker) or 16")
     return LabSpec(
         lab_name,
         host_specs,
@@ -172,6 +183,7 @@ def parse_spec(
         data_port,
         enabled,
         rotation,
+        icv,
     )
 
 

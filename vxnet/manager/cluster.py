@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from vxnet.errors import Conflict, NotFound, UsageError
+from vxnet.esp.sa import DEFAULT_ICV_LEN, DOCKER_ICV_LEN
 from vxnet.manager import pki, tokens
 from vxnet.manager.keys import DEFAULT_ROTATION, KeyManager
 from vxnet.manager.store import Store
@@ -92,6 +93,7 @@ class Cluster:
         pools: tuple[str, ...] = ("10.0.0.0/8",),
         mask_length: int = 24,
         rotation_interval: float = DEFAULT_ROTATION,
+        esp_icv_length: int = DEFAULT_ICV_LEN,
     ) -> Cluster:
         """``swarm init``: a new cluster id, root CA, tokens and keyrings, all stored at once."""
         from vxnet.manager.ipam import AddressPools
@@ -101,6 +103,8 @@ class Cluster:
         AddressPools.from_text(pools, mask_length)  # validates
         if not (data_port == 4789 or 1024 <= data_port <= 49151):
             raise UsageError("--data-path-port must be 4789 or within 1024-49151")
+        if esp_icv_length not in (DOCKER_ICV_LEN, DEFAULT_ICV_LEN):
+            raise UsageError("--esp-icv-length must be 8 (as Docker) or 16 (vxnet's default)")
         keys = KeyManager(rng, now, interval=rotation_interval)
         ca = pki.create_root_ca(_dt(now))
         info = {
@@ -110,6 +114,9 @@ class Cluster:
             "default_addr_pool_mask_length": mask_length,
             "data_path_port": data_port,
             "heartbeat_period": HEARTBEAT_PERIOD,
+            # cluster-wide: Docker's SPI does not include the ICV length, so every SA between
+            # two nodes must agree on it; fixed at init, like the data-path port
+            "esp_icv_length": esp_icv_length,
         }
         with store.transaction():
             store.set_value("cluster", info)
@@ -133,6 +140,11 @@ class Cluster:
     @property
     def ca_pem(self) -> bytes:
         return self.ca.cert_pem
+
+    @property
+    def esp_icv_length(self) -> int:
+        """The ICV length of every ESP SA in this swarm (16 unless `swarm init` said 8)."""
+        return int(self.info.get("esp_icv_length", DEFAULT_ICV_LEN))
 
     @property
     def cert_lifetime(self) -> timedelta:

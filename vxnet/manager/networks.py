@@ -13,6 +13,7 @@ from typing import Any
 from vxnet.daemon.containers import check_name
 from vxnet.dataplane.tables import DEFAULT_MTU, DEFAULT_UNDERLAY_MTU, VXLAN_OVERHEAD
 from vxnet.errors import Conflict, NotFound, UsageError
+from vxnet.esp.sa import DEFAULT_ICV_LEN
 from vxnet.esp.sadb import encrypted_mtu
 from vxnet.manager.cluster import Cluster, new_id
 from vxnet.manager.ipam import (
@@ -27,17 +28,21 @@ from vxnet.manager.ipam import (
 
 MTU_OPTION = "com.docker.network.driver.mtu"
 ENCRYPTED_OPTION = "encrypted"
-#: The network MTU of an encrypted overlay: underlay - 50 - ESP's expansion, rounded down to a
-#: multiple of 4.  ESP with vxnet's ICV of 16 bytes expands a datagram by 34 bytes (SPI, sequence
-#: number, IV, pad length, next header, ICV): 1416.  Docker's ICV of 8 gives its 1424.
-ENCRYPTED_MTU = encrypted_mtu(DEFAULT_UNDERLAY_MTU)
 KNOWN_OPTIONS = {MTU_OPTION, ENCRYPTED_OPTION, VXLANID_LIST_OPTION}
 INGRESS = "ingress"
 
 
-def network_mtu(options: dict[str, str]) -> int:
+def network_mtu(options: dict[str, str], icv_len: int = DEFAULT_ICV_LEN) -> int:
+    """The MTU option, checked, or the default.
+
+    An encrypted overlay's default (and ceiling) is underlay - 50 - ESP's expansion, rounded down
+    to a multiple of 4.  ESP with vxnet's ICV of 16 bytes expands a datagram by 34 bytes (SPI,
+    sequence number, IV, pad length, next header, ICV): 1416.  Docker's ICV of 8 (``swarm init
+    --esp-icv-length 8``) expands it by 26: Docker's 1424.
+    """
     encrypted = ENCRYPTED_OPTION in options
-    default = ENCRYPTED_MTU if encrypted else DEFAULT_MTU
+    encrypted_ceiling = encrypted_mtu(DEFAULT_UNDERLAY_MTU, icv_len)
+    default = encrypted_ceiling if encrypted else DEFAULT_MTU
     if MTU_OPTION not in options:
         return default
     try:
@@ -46,7 +51,7 @@ def network_mtu(options: dict[str, str]) -> int:
         raise UsageError(
             f"invalid {MTU_OPTION} {options[MTU_OPTION]!r}: a number is needed"
         ) from None
-    ceiling = ENCRYPTED_MTU if encrypted else DEFAULT_UNDERLAY_MTU - VXLAN_OVERHEAD
+    ceiling = encrypted_ceiling if encrypted else DEFAULT_UNDERLAY_MTU - VXLAN_OVERHEAD
     if not 576 <= mtu <= ceiling:
         raise UsageError(
             f"{MTU_OPTION}={mtu} is out of range: the network MTU must be 576-{ceiling} on a "
@@ -82,6 +87,9 @@ def used_addresses(cluster: Cluster, net_id: str) -> set[IPv4Address]:
     for att in cluster.store.list("attachment"):
         if att["network_id"] == net_id:
             used.add(IPv4Address(att["ip"]))
+    for node in cluster.store.list("node"):
+        if net_id in node.get("lb_addresses", {}):
+            used.add(IPv4Address(node["lb_addresses"][net_id]))
     return used
 
 
@@ -166,7 +174,7 @@ def create_network(
         "subnet": str(addressing.subnet),
         "gateway": str(addressing.gateway),
         "ip_range": str(addressing.ip_range) if addressing.ip_range else None,
-        "mtu": network_mtu(options),
+        "mtu": network_mtu(options, cluster.esp_icv_length),
         "options": options,
         "created": now,
     }

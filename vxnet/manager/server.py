@@ -230,7 +230,13 @@ class Manager:
         while True:
             tags = [k.tag for k in self.cluster.keys.keys]
             if tags != sent_keys:
-                await session.channel.send({"type": "keys", "keys": self.cluster.keys_json()})
+                await session.channel.send(
+                    {
+                        "type": "keys",
+                        "keys": self.cluster.keys_json(),
+                        "esp_icv_length": self.cluster.esp_icv_length,
+                    }
+                )
                 sent_keys = tags
             current = assignments(self.cluster, session.node_id)
             if current != sent:

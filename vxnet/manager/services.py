@@ -14,7 +14,7 @@ from typing import Any
 from vxnet.daemon.containers import IMAGES, check_name
 from vxnet.errors import Conflict, NotFound, UsageError
 from vxnet.manager.cluster import Cluster, new_id
-from vxnet.manager.networks import INGRESS, allocate_address, find_network, summary
+from vxnet.manager.networks import allocate_address, find_network, summary
 from vxnet.manager.scheduler import NodeView, TaskView, plan_global, plan_replicated
 
 MAX_REPLICAS = 1000
@@ -53,6 +53,29 @@ def parse_port(spec: str) -> dict[str, Any]:
     if not (1 <= target <= 65535 and 0 <= published <= 65535):
         raise UsageError(f"invalid publish {spec!r}: ports are 1-65535")
     return port
+
+
+#: Docker's dynamic range for an ingress port published without a number (`-p target=80`).
+DYNAMIC_PORTS = range(30000, 32768)
+
+
+def _assign_dynamic_ports(cluster: Cluster, ports: list[dict[str, Any]]) -> None:
+    """Give each ingress port published as 0 the lowest free port of the dynamic range."""
+    taken = {
+        (p["published"], p["protocol"])
+        for svc in cluster.store.list("service")
+        for p in svc["ports"]
+        if p["mode"] == "ingress"
+    }
+    taken |= {(p["published"], p["protocol"]) for p in ports if p["published"]}
+    for p in ports:
+        if p["published"] or p["mode"] != "ingress":
+            continue
+        free = next((n for n in DYNAMIC_PORTS if (n, p["protocol"]) not in taken), None)
+        if free is None:
+            raise Conflict("no free port in the dynamic range 30000-32767")
+        p["published"] = free
+        taken.add((free, p["protocol"]))
 
 
 def _check_published(cluster: Cluster, ports: list[dict[str, Any]], service_id: str) -> None:
@@ -115,6 +138,7 @@ def create_service(
             raise Conflict("service needs ingress network, but no ingress network is present")
         nets = [ingress[0], *nets]
     svc_id = new_id(cluster.rng)
+    _assign_dynamic_ports(cluster, parsed)
     _check_published(cluster, parsed, svc_id)
     svc: dict[str, Any] = {
         "id": svc_id,
@@ -168,6 +192,7 @@ def remove_service(cluster: Cluster, ref: str) -> dict[str, Any]:
         for task in tasks_of(cluster, svc["id"]):
             cluster.store.delete("task", task["id"])
         cluster.store.delete("service", svc["id"])
+        sync_lb_addresses(cluster)
     return svc
 
 
@@ -199,6 +224,7 @@ def reconcile(cluster: Cluster, now: float) -> None:
         if svc.get("pending", 0) != pending:
             svc["pending"] = pending
             cluster.store.put("service", svc["id"], svc["name"], svc)
+    sync_lb_addresses(cluster)
 
 
 def _new_task(cluster: Cluster, svc: dict[str, Any], slot: int, node_id: str, now: float) -> None:
@@ -266,15 +292,20 @@ def attach(
             "container": container,
             "network_id": net["id"],
             "ip": allocate_address(cluster, net, ip),
+            "aliases": [],
         }
         cluster.store.put("attachment", att["id"], att["id"], att)
+        sync_lb_addresses(cluster)
     return {"attachment": att, "network": summary(net)}
 
 
 def detach(cluster: Cluster, node_id: str, container: str) -> bool:
     for att in cluster.store.list("attachment"):
         if att["node_id"] == node_id and att["container"] == container:
-            return cluster.store.delete("attachment", att["id"])
+            with cluster.store.transaction():
+                cluster.store.delete("attachment", att["id"])
+                sync_lb_addresses(cluster)
+            return True
     return False
 
 
@@ -285,31 +316,79 @@ def prune_attachments(cluster: Cluster, node_id: str, alive: set[str]) -> list[s
         if att["node_id"] == node_id and att["container"] not in alive:
             cluster.store.delete("attachment", att["id"])
             gone.append(att["container"])
+    if gone:
+        sync_lb_addresses(cluster)
     return gone
 
 
 # ------------------------------------------------------------------------ assignments
 
 
-def assignments(cluster: Cluster, node_id: str) -> dict[str, Any]:
-    """A node's desired state: the networks it needs and the tasks it must run."""
-    nets = {n["id"]: n for n in cluster.store.list("network")}
-    needed = {nid for nid, n in nets.items() if n["name"] == INGRESS or n["ingress"]}
-    tasks = []
+def needed_networks(cluster: Cluster, node_id: str) -> set[str]:
+    """The networks a node takes part in: ingress (every node has an ingress sandbox), and
+    those of its tasks and attachments."""
+    needed = {n["id"] for n in cluster.store.list("network") if n["ingress"]}
     for task in cluster.store.list("task"):
-        if task["node_id"] != node_id or task["desired"] != "running":
-            continue
-        needed |= set(task["addresses"])
-        tasks.append(
-            {
-                k: task[k]
-                for k in ("id", "service_name", "slot", "container", "image", "cmd", "addresses")
-            }
-        )
+        if task["node_id"] == node_id and task["desired"] == "running":
+            needed |= set(task["addresses"])
     for att in cluster.store.list("attachment"):
         if att["node_id"] == node_id:
             needed.add(att["network_id"])
-    return {"networks": [summary(nets[n]) for n in sorted(needed) if n in nets], "tasks": tasks}
+    return needed
+
+
+def sync_lb_addresses(cluster: Cluster) -> None:
+    """One load-balancer address per node and network it takes part in (Docker's ``lb-<net>``
+    endpoint): the source address of its NATed VIP traffic, the ingress sandbox's address on
+    ``ingress``.  Kept while needed, released with the last task or attachment there."""
+    nets = {n["id"]: n for n in cluster.store.list("network")}
+    for node in cluster.store.list("node"):
+        have: dict[str, str] = dict(node.get("lb_addresses", {}))
+        needed = needed_networks(cluster, node["id"]) & set(nets)
+        want = {nid: ip for nid, ip in have.items() if nid in needed}
+        for nid in sorted(needed - set(want)):
+            try:
+                want[nid] = allocate_address(cluster, nets[nid])
+            except Conflict:  # the network is full: the node's VIP traffic there waits
+                continue
+        if want != have:
+            node["lb_addresses"] = want
+            cluster.store.put("node", node["id"], node["id"], node)
+
+
+def _task_view(cluster: Cluster, task: dict[str, Any]) -> dict[str, Any]:
+    view = {
+        k: task[k] for k in ("id", "service_name", "slot", "container", "image", "cmd", "addresses")
+    }
+    svc = cluster.store.get("service", task["service_id"]) or {}
+    view.update(
+        service_id=task["service_id"],
+        endpoint_mode=svc.get("endpoint_mode", "vip"),
+        vips=dict(svc.get("vips", {})),
+        ports=[p for p in svc.get("ports", []) if p["mode"] == "ingress"],
+        host_ports=[p for p in svc.get("ports", []) if p["mode"] == "host"],
+    )
+    return view
+
+
+def assignments(cluster: Cluster, node_id: str) -> dict[str, Any]:
+    """A node's desired state: the networks it needs, its load-balancer address on each, and
+    the tasks it must run (with what service discovery needs: service, VIPs, ports)."""
+    nets = {n["id"]: n for n in cluster.store.list("network")}
+    needed = needed_networks(cluster, node_id)
+    tasks = [
+        _task_view(cluster, task)
+        for task in cluster.store.list("task")
+        if task["node_id"] == node_id and task["desired"] == "running"
+    ]
+    node = cluster.store.get("node", node_id) or {}
+    return {
+        "networks": [summary(nets[n]) for n in sorted(needed) if n in nets],
+        "tasks": tasks,
+        "lb_addresses": {
+            nid: ip for nid, ip in node.get("lb_addresses", {}).items() if nid in needed
+        },
+    }
 
 
 def service_rows(cluster: Cluster) -> list[dict[str, Any]]:
