@@ -40,3 +40,19 @@ def test_an_unexpected_error_is_counted_and_the_thread_goes_on(monkeypatch: Any)
         assert dp._thread is not None and dp._thread.is_alive()
     finally:
         dp.close()
+
+
+def test_the_loop_ticks_the_switch_about_once_a_second(monkeypatch: Any) -> None:
+    """Connection-table expiry needs a clock: the loop reads time.monotonic, the switch doesn't."""
+    dp = Dataplane("127.0.0.1", 47892)
+    ticks: list[float] = []
+    monkeypatch.setattr(dp.switch, "tick", ticks.append)
+    dp.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(ticks) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(ticks) >= 2 and 0.9 <= ticks[1] - ticks[0] <= 2.5
+        assert dp.lb_table() == [] and dp.conntrack() == []
+    finally:
+        dp.close()

@@ -17,6 +17,7 @@ import os
 import select
 import socket
 import threading
+import time
 from typing import Any
 
 from vxnet.dataplane.switch import Switch
@@ -35,6 +36,7 @@ log = logging.getLogger("vxnet.dataplane")
 BATCH = 256  # frames drained per readiness event before looking at other fds
 RECV_BUF = 65536 + 64
 SOCKET_BUFFER = 4 * 1024 * 1024
+TICK = 1.0  # seconds between two Switch.tick() calls: load-balancer connection expiry
 IPPROTO_ESP = 50
 
 
@@ -172,11 +174,17 @@ class Dataplane:
         switch = self.switch
         ports_by_fd = switch.ports_by_fd
         read = os.read
+        monotonic = time.monotonic
+        next_tick = 0.0
         while self._running:
+            now = monotonic()  # once per wakeup, never per frame: the switch has no clock
+            if now >= next_tick:
+                switch.tick(now)
+                next_tick = now + TICK
             sock_fd = self._sock.fileno()  # the sockets change only in _apply_pending, below
             esp_fd = self._esp.fileno()
             recvfrom_into = self._sock.recvfrom_into
-            for fd, _events in self._epoll.poll(1.0):
+            for fd, _events in self._epoll.poll(TICK):
                 if fd == esp_fd:
                     for _ in range(BATCH):
                         try:
@@ -244,6 +252,12 @@ class Dataplane:
 
     def fdb(self) -> list[dict[str, Any]]:
         return self.switch.fdb()
+
+    def lb_table(self) -> list[dict[str, Any]]:
+        return self.switch.lb_table()
+
+    def conntrack(self) -> list[dict[str, Any]]:
+        return self.switch.conntrack()
 
 
 def _underlay_socket(address: str, port: int) -> socket.socket:

@@ -21,14 +21,19 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vxnet.dataplane.lb import LoadBalancer, Vip, check_settings
 from vxnet.dataplane.tables import (
     AddNetwork,
     AddPeer,
     AddPort,
+    LbSettings,
     NetworkSpec,
     RemoveNetwork,
     RemovePeer,
     RemovePort,
+    RemoveService,
+    SetLoadBalancer,
+    SetService,
     TableUpdate,
 )
 from vxnet.errors import BadPacket, UsageError
@@ -46,7 +51,7 @@ _ETYPE_IPV6 = b"\x86\xdd"
 _ICMPV6_NA_FLAGS = b"\x60\x00\x00\x00"  # Solicited | Override
 _IPV6_UNSPECIFIED = bytes(16)
 
-WriteFd = Callable[[int, bytes | memoryview], int]
+WriteFd = Callable[[int, bytes | bytearray | memoryview], int]
 SendEsp = Callable[[bytes, str], int]
 LAZY_ESP_PEERS = 64  # sources whose SAs may be derived from a first packet, at most
 _UDP = struct.Struct("!HHHH")
@@ -72,6 +77,8 @@ class Counters:
         "drops",
         "esp_rx",
         "esp_tx",
+        "lb_active",
+        "lb_new",
         "local_bytes",
         "local_frames",
         "nd_replies",
@@ -87,6 +94,7 @@ class Counters:
         self.local_frames = self.local_bytes = 0  # switched between two local TAPs
         self.arp_replies = self.nd_replies = 0
         self.esp_rx = self.esp_tx = 0  # of the frames above, how many travelled as ESP
+        self.lb_new = self.lb_active = 0  # VIP connections opened, and in the table now
         self.drops: dict[str, int] = {}
 
     def as_dict(self) -> dict[str, Any]:
@@ -115,6 +123,8 @@ class Net:
         "counters",
         "encrypted",
         "hdr",
+        "lb",
+        "lb_macs",
         "local",
         "max_frame",
         "neigh",
@@ -133,6 +143,10 @@ class Net:
         self.remote: dict[bytes, tuple[str, int]] = {}  # MAC -> (VTEP address, port): the FDB
         self.neigh: dict[bytes, bytes] = {spec.gateway.packed: spec.gateway_mac}  # IP -> MAC
         self.counters = Counters()
+        self.lb: LoadBalancer | None = None  # VIP load balancing, once a service or LB is set
+        # the MACs the load balancer handles (VIPs -> Vip, the LB's own -> None): one lookup
+        # per frame, on an empty dict for networks without services
+        self.lb_macs: dict[bytes, Vip | None] = {}
 
 
 def _drop(counters: Counters, reason: str) -> None:
@@ -161,6 +175,8 @@ class Switch:
         # per VNI, MAC -> (IP, VTEP, origin) of every programmed remote peer: `fdb show`
         self.peers: dict[int, dict[bytes, tuple[str, str, str]]] = {}
         self.counters = Counters()  # frames that belong to no network (bad VXLAN, unknown VNI)
+        self.lb_settings = LbSettings()
+        self.now = 0.0  # the engine's clock at the last tick()
 
     # ----------------------------------------------------------------------------- hot path
 
@@ -177,6 +193,9 @@ class Switch:
             return
         if n > net.max_frame:
             _drop(net.counters, "too_big")
+            return
+        if dst in net.lb_macs:
+            self._lb_from_tap(port, frame, dst)
             return
         local = net.local.get(dst)
         if local is not None:
@@ -290,7 +309,11 @@ class Switch:
         if n - VXLAN_HLEN > net.max_frame:
             _drop(net.counters, "too_big")
             return
-        port = net.local.get(bytes(data[8:14]))
+        dst = bytes(data[8:14])
+        if dst in net.lb_macs:
+            self._lb_reply(net, bytes(data[VXLAN_HLEN:]), dst, encrypted)
+            return
+        port = net.local.get(dst)
         if port is None:
             _drop(net.counters, "not_local")
             return
@@ -301,13 +324,69 @@ class Switch:
             c.esp_rx += 1
         self._write_port(port, data[VXLAN_HLEN:])
 
-    def _deliver(self, port: Port, frame: bytes) -> None:
+    # --------------------------------------------------------------- VIP load balancing
+
+    def _lb_from_tap(self, port: Port, frame: bytes, dst: bytes) -> None:
+        """A frame to a VIP (a client's request) or to our LB MAC (a local backend's reply)."""
+        net = port.net
+        lb = net.lb
+        if lb is None:
+            return
+        if frame[12:14] == _ETYPE_ARP:  # a unicast ARP request: the kernel's reachability probe
+            self._answer_arp(port, frame)
+            return
+        vip = net.lb_macs[dst]
+        if vip is None:
+            self._lb_reply(net, frame, dst, None)
+            return
+        out = lb.forward(vip, frame, net.neigh)
+        if out is not None:
+            self.from_tap(port, out)  # now addressed to the backend: switched the normal way
+
+    def _lb_reply(self, net: Net, frame: bytes, dst: bytes, encrypted: bool | None) -> None:
+        """A frame to a VIP or LB MAC from the underlay (``encrypted`` set) or a local TAP.
+
+        A backend's reply goes back to its client, always local (it was balanced here); one no
+        connection claims goes to the port owning the MAC (the ingress sandbox), or is dropped.
+        """
+        lb = net.lb
+        found = None if lb is None or net.lb_macs[dst] is not None else lb.reverse(frame)
+        out: bytes | bytearray = frame
+        if found is None:
+            client = net.local.get(dst)
+            if client is None:
+                _drop(net.counters, "lb_no_conn")
+                return
+        else:
+            client = net.local.get(found[0])
+            out = found[1]
+            if client is None:
+                _drop(net.counters, "lb_client_gone")
+                return
+        if encrypted is None:
+            self._deliver(client, out)
+            return
+        c = net.counters
+        c.rx_frames += 1
+        c.rx_bytes += len(out)
+        if encrypted:
+            c.esp_rx += 1
+        self._write_port(client, out)
+
+    def tick(self, now: float) -> None:
+        """The engine's clock, about once a second: connections idle too long are forgotten."""
+        self.now = now
+        for net in list(self.nets.values()):
+            if net.lb is not None:
+                net.lb.tick(now)
+
+    def _deliver(self, port: Port, frame: bytes | bytearray) -> None:
         c = port.net.counters
         c.local_frames += 1
         c.local_bytes += len(frame)
         self._write_port(port, frame)
 
-    def _write_port(self, port: Port, frame: bytes | memoryview) -> None:
+    def _write_port(self, port: Port, frame: bytes | bytearray | memoryview) -> None:
         try:
             self._write(port.fd, frame)
         except BlockingIOError:
@@ -389,7 +468,28 @@ class Switch:
             self._add_peer(update)
         elif isinstance(update, RemovePeer):
             self._remove_peer(update.vni, update.mac)
+        elif isinstance(update, SetLoadBalancer | SetService | RemoveService | LbSettings):
+            self._apply_lb(update)
         return []
+
+    def _apply_lb(self, update: SetLoadBalancer | SetService | RemoveService | LbSettings) -> None:
+        if isinstance(update, LbSettings):
+            check_settings(update)  # UsageError before anything changed
+            for net in self.nets.values():
+                if net.lb is not None:
+                    net.lb.configure(update)
+            self.lb_settings = update
+            return
+        net = self._net(update.vni)
+        lb = net.lb
+        if lb is None:
+            lb = net.lb = LoadBalancer(net.counters, self.lb_settings)
+            lb.now = self.now
+            net.lb_macs = lb.macs
+        for mac, rst in lb.apply(update, net.neigh, net.local):  # RSTs for clients that lost
+            port = net.local.get(mac)  # their backend: they fail now, not after 2 h of silence
+            if port is not None:
+                self._write_port(port, rst)
 
     def set_data_port(self, port: int) -> None:
         """Every remote VTEP is now reached on ``port`` (the cluster's data-path port)."""
@@ -408,6 +508,7 @@ class Switch:
         net = Net(spec)
         if old is not None:  # re-programming keeps endpoints, peers and counters
             net.local, net.remote, net.counters = old.local, old.remote, old.counters
+            net.lb, net.lb_macs = old.lb, old.lb_macs
             net.neigh.update(old.neigh)
             for port in net.local.values():
                 port.net = net
@@ -438,8 +539,8 @@ class Switch:
         net = port.net
         if net.local.get(port.mac) is port:
             del net.local[port.mac]
-        if net.neigh.get(port.ip) == port.mac:
-            del net.neigh[port.ip]
+        if net.neigh.get(port.ip) == port.mac and port.mac not in net.lb_macs:
+            del net.neigh[port.ip]  # (the LB address stays answered after the ingress sandbox)
         return port.fd
 
     def _add_peer(self, update: AddPeer) -> None:
@@ -468,6 +569,24 @@ class Switch:
                 for vni, net in list(self.nets.items())
             },
         }
+
+    def lb_table(self) -> list[dict[str, Any]]:
+        """Every VIP with its port map and backends (weight, active connections)."""
+        return self._lb_rows(LoadBalancer.services)
+
+    def conntrack(self) -> list[dict[str, Any]]:
+        """Every load-balanced connection: client, VIP, SNAT and backend ends, state, expiry."""
+        return self._lb_rows(LoadBalancer.connections)
+
+    def _lb_rows(
+        self, rows: Callable[[LoadBalancer], list[dict[str, Any]]]
+    ) -> list[dict[str, Any]]:  # safe from another thread, as stats() is
+        return [
+            {"network": net.spec.name, "vni": vni, **row}
+            for vni, net in list(self.nets.items())
+            if net.lb is not None
+            for row in rows(net.lb)
+        ]
 
     def fdb(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []

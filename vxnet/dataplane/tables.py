@@ -111,6 +111,84 @@ class ResetEspPeer:
     vtep: ipaddress.IPv4Address
 
 
+# ------------------------------------------------------------------ VIP load balancing
+
+
+@dataclass(frozen=True, slots=True)
+class SetLoadBalancer:
+    """This node's load-balancer address on network ``vni`` (Docker's ``lb-<network>`` endpoint).
+
+    Connections to a VIP leave this node SNATed to ``ip`` (MAC ``endpoint_mac(ip)``), so replies
+    come back here.  ``ip`` may be a local port's own address (the ingress sandbox): replies that
+    match no connection then go on to that port.  Other nodes need a peer record for it.
+    """
+
+    vni: int
+    ip: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One task behind a VIP.  Weight 0 drains it: its connections go on, new ones avoid it."""
+
+    ip: ipaddress.IPv4Address
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PortMap:
+    """A published port of the routing mesh: ``published`` on the VIP -> ``target`` on a task."""
+
+    protocol: Literal["tcp", "udp"]
+    published: int
+    target: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetService:
+    """A service VIP on network ``vni`` and its backends: sent again, it replaces them.
+
+    Empty ``ports``: VIP mode, any TCP/UDP port to the VIP goes to the same port on a backend.
+    Otherwise only the published ports are served (the ingress network's routing mesh).
+    A backend missing from a new record has its TCP connections reset and its UDP flows dropped.
+    """
+
+    vni: int
+    vip: ipaddress.IPv4Address
+    backends: tuple[Backend, ...]
+    ports: tuple[PortMap, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveService:
+    vni: int
+    vip: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class LbSettings:
+    """Connection-table timeouts in seconds (idle time since the last packet) and its size.
+
+    Unlike IPVS (900 s for an established connection, which silently kills idle TCP:
+    moby#31208), an established connection lives 7500 s idle: longer than Linux's default
+    ``tcp_keepalive_time`` of 7200 s, so a keepalive probe refreshes the entry before it expires.
+    A half-closed connection (one FIN seen) may legitimately carry data in the other direction
+    for as long as it likes; IPVS gives it 60 s and then resets it (moby#29655), we give it the
+    established timeout.  SYN handshakes and TIME_WAIT get ``tcp_transitory`` (as nf_conntrack),
+    a reset connection ``tcp_closed``.  A UDP flow lives ``udp_idle`` until a reply was seen,
+    then ``udp_assured_idle`` (nf_conntrack's 30 s / 180 s).  When ``max_connections`` entries
+    exist on one network, new connections are dropped (``lb_table_full``).
+    """
+
+    tcp_established_idle: float = 7500.0
+    tcp_half_closed_idle: float = 7500.0
+    tcp_transitory: float = 120.0
+    tcp_closed: float = 10.0
+    udp_idle: float = 30.0
+    udp_assured_idle: float = 180.0
+    max_connections: int = 65536
+
+
 TableUpdate = (
     AddNetwork
     | RemoveNetwork
@@ -121,4 +199,8 @@ TableUpdate = (
     | SetUnderlay
     | SetIpsecKeys
     | ResetEspPeer
+    | SetLoadBalancer
+    | SetService
+    | RemoveService
+    | LbSettings
 )
