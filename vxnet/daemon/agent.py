@@ -24,6 +24,8 @@ import trio
 
 from vxnet.dataplane.tables import NetworkSpec, SetIpsecKeys, SetUnderlay
 from vxnet.errors import BadPacket, Conflict, NotFound, UsageError, VxnetError
+from vxnet.esp.sa import DEFAULT_ICV_LEN, DOCKER_ICV_LEN
+from vxnet.esp.sa import DEFAULT_ICV_LEN, DOCKER_ICV_LEN
 from vxnet.files import write_private
 from vxnet.manager import pki
 from vxnet.manager.proto import field_untrusted
@@ -218,7 +220,10 @@ class Agent:
             kind = msg["type"]
             if kind == "keys":
                 self.keys = list(field_untrusted(msg, "keys", list))
-                await self.daemon.program(SetIpsecKeys(ipsec_keys(self.keys)))
+                icv = int(msg.get("esp_icv_length", DEFAULT_ICV_LEN))
+                if icv not in (DOCKER_ICV_LEN, DEFAULT_ICV_LEN):
+                    raise BadPacket("bad_icv_length", str(icv))
+                await self.daemon.program(SetIpsecKeys(ipsec_keys(self.keys), icv_len=icv))
                 self.keys_changed.set()
                 self.keys_changed = trio.Event()
                 log.info("keys: tags %s", [k.get("lamport_time") for k in self.keys])
@@ -324,6 +329,29 @@ class Agent:
             if msg is not None:
                 await self._apply(msg)
 
+    async def _apply_load_balancers(self, nets: dict[str, Any], addresses: Any) -> None:
+        """The node's load-balancer address per network; on ingress, the ingress sandbox."""
+        d = self.daemon
+        if not isinstance(addresses, dict):
+            addresses = {}
+        lb = {
+            nets[nid]["name"]: ipaddress.IPv4Address(ip)
+            for nid, ip in addresses.items()
+            if nid in nets and isinstance(ip, str)
+        }
+        d.ingress_networks = {n["name"] for n in nets.values() if n.get("ingress")}
+        d.lb_addresses = lb
+        ingress = [name for name in d.ingress_networks if name in lb and name in d.networks]
+        try:
+            if ingress:
+                await d.mesh.ensure_sandbox(d.networks[ingress[0]], lb[ingress[0]])
+            else:
+                await d.mesh.remove_sandbox()
+        except (VxnetError, OSError) as exc:
+            log.warning("ingress sandbox: %s", exc)
+        if d.discovery is not None:
+            await d.discovery.set_lb_addresses(lb)
+
     async def _apply(self, msg: dict[str, Any]) -> None:
         d = self.daemon
         nets = {n["id"]: n for n in field_untrusted(msg, "networks", list)}
@@ -333,6 +361,7 @@ class Agent:
         for net in nets.values():
             await d.ensure_network(spec_from_summary(net), net["id"])
         self.networks = nets
+        await self._apply_load_balancers(nets, msg.get("lb_addresses"))
         tasks = {t["container"]: t for t in field_untrusted(msg, "tasks", list)}
         for c in list(d.containers.values()):
             if c.task_id and (c.name not in tasks or c.exit_code is not None):
@@ -345,8 +374,16 @@ class Agent:
                 for nid, ip in task["addresses"].items()
                 if nid in nets
             ]
+            host_ports = [
+                (str(p["protocol"]), int(p["published"]), int(p["target"]))
+                for p in task.get("host_ports", [])
+                if p.get("published")
+            ]
             try:
-                await d.start_container(name, attach, task["image"], task["cmd"], task["id"])
+                await d.start_container(
+                    name, attach, task["image"], task["cmd"], task["id"],
+                    service=task, publish=host_ports,
+                )  # fmt: skip
             except (VxnetError, OSError) as exc:
                 log.warning("task %s failed to start: %s", name, exc)
                 await self._report(task["id"], "failed", str(exc))

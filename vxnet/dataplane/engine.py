@@ -54,6 +54,7 @@ class Dataplane:
         self._esp = _esp_socket(underlay_addr)
         self.switch = Switch(os.write, self._send, data_port, self._send_esp)
         self._ipsec_keys: tuple[tuple[int, bytes], ...] = ()
+        self._icv_len = 16  # the swarm's ESP ICV length, with the keys
         self._pending: collections.deque[TableUpdate] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
@@ -87,7 +88,7 @@ class Dataplane:
         self.underlay_addr, self.data_port = update.address, update.port
         self.switch.set_data_port(update.port)
         if self.switch.sadb is None and self._ipsec_keys:
-            self._set_ipsec_keys(SetIpsecKeys(self._ipsec_keys))
+            self._set_ipsec_keys(SetIpsecKeys(self._ipsec_keys, self._icv_len))
 
     def _send_esp(self, packet: bytes, vtep: str) -> int:
         return self._esp.sendto(packet, (vtep, 0))
@@ -95,8 +96,11 @@ class Dataplane:
     def _set_ipsec_keys(self, update: SetIpsecKeys) -> None:
         """Runs in the dataplane thread.  Docker's rotation order lives in SADB.set_keys."""
         self._ipsec_keys = update.keys
+        self._icv_len = update.icv_len
+        if self.switch.sadb is not None and self.switch.sadb.icv_len != update.icv_len:
+            self.switch.sadb = None  # a different ICV: every SA is derived again
         if self.switch.sadb is None:
-            sadb = SADB(ipaddress.IPv4Address(self.underlay_addr))
+            sadb = SADB(ipaddress.IPv4Address(self.underlay_addr), icv_len=update.icv_len)
             sadb.set_keys(update.keys)  # keys first: add_peer refuses a SADB without keys
             for net in self.switch.nets.values():
                 for vtep, _ in net.remote.values():

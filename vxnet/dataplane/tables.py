@@ -99,9 +99,11 @@ class SetUnderlay:
 
 @dataclass(frozen=True, slots=True)
 class SetIpsecKeys:
-    """The manager's ``networking:ipsec`` keyring: (Lamport tag, 16-byte key) x 3."""
+    """The manager's ``networking:ipsec`` keyring: (Lamport tag, 16-byte key) x 3, and the
+    swarm's ICV length (16, or 8 as Docker), fixed at ``swarm init``."""
 
     keys: tuple[tuple[int, bytes], ...]
+    icv_len: int = 16
 
 
 @dataclass(frozen=True, slots=True)
