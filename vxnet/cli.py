@@ -250,6 +250,10 @@ def daemon(
 @click.option("--name", required=True, help="Container name.")
 @click.option("--network", required=True, help="Network to attach eth0 to.")
 @click.option("--ip", help="IPv4 address (default: the lowest free one).")
+@click.option(
+    "-p", "--publish", multiple=True, help="HOST:CONTAINER[/udp|/sctp] through docker_gwbridge."
+)
+@click.option("--network-alias", multiple=True, help="Another DNS name on the network.")
 @click.argument("image")
 @click.argument("cmd", nargs=-1)
 @pass_ctx
@@ -259,12 +263,17 @@ def run(
     name: str,
     network: str,
     ip: str | None,
+    publish: tuple[str, ...],
+    network_alias: tuple[str, ...],
     image: str,
     cmd: tuple[str, ...],
 ) -> None:
     """Run a container: images whoami, echo, iperf3, idle (or IMAGE CMD... to run CMD)."""
     lab_obj = ctx.lab()
-    c = lab_obj.run(ctx.host(lab_obj), name, network, image, _strip_dashes(cmd), ip)
+    c = lab_obj.run(
+        ctx.host(lab_obj), name, network, image, _strip_dashes(cmd), ip,
+        publish=publish, aliases=network_alias,
+    )  # fmt: skip
     if detach:
         click.echo(c["name"])
         return

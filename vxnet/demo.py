@@ -4,7 +4,8 @@ Each step prints what it does, the command a user would type, and what was seen 
 The tour grows with each feature; today: a swarm formed with real tokens, ingress and
 docker_gwbridge, user overlays, a replicated service spread over hosts, a standalone container
 on an attachable network, ping and HTTP across the overlay, a VXLAN packet decoded from the
-fabric, isolation between networks, key rotation watched, a node failure handled, counters.
+fabric, service discovery at 127.0.0.11, VIP load balancing, the routing mesh from outside the
+swarm, isolation between networks, key rotation watched, a node failure handled, counters.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import ipaddress
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -254,6 +256,78 @@ def _tour(tour: Tour, lab: Lab) -> None:
         "TCP across the overlay: every whoami task answers HTTP",
         "vxnet exec client -- curl http://<task ip>/",
         http,
+    )
+
+    def discovery() -> tuple[bool, list[str]]:
+        vip = mgr.get("/services/web")["vips"]
+        lines = []
+        answers = {}
+        for name in ("web", "tasks.web"):
+            r = lab.exec("client", ["dig", "@127.0.0.11", "+short", name])
+            answers[name] = r.stdout.split()
+            lines.append(f"dig {name}: {' '.join(answers[name]) or r.stderr.strip()}")
+        ok = answers["web"] == [next(iter(vip.values()))] and set(answers["tasks.web"]) == {
+            c["ip"] for c in web
+        }
+        lines.append("web -> the service's VIP; tasks.web -> every task (records from gossip)")
+        return ok, lines
+
+    tour.step(
+        "Service discovery: each container's resolver at 127.0.0.11 knows the swarm's services",
+        "vxnet exec client -- dig @127.0.0.11 web; ... tasks.web",
+        discovery,
+    )
+
+    def vip() -> tuple[bool, list[str]]:
+        seen: dict[str, int] = {}
+        for _ in range(6):
+            out = lab.exec("client", ["curl", "-s", "--max-time", "3", "http://web/"]).stdout
+            for ln in out.splitlines():
+                if ln.startswith("Hostname: "):
+                    seen[ln.split(": ")[1]] = seen.get(ln.split(": ")[1], 0) + 1
+        conns = lab.client("h2").get("/dataplane/lb")["connections"]
+        lines = [f"{name}: {n} of 6 connections" for name, n in sorted(seen.items())]
+        lines += [
+            f"h2 conntrack: {c['client']} -> {c['vip']} became {c['snat']} -> {c['backend']} "
+            f"({c['state']})"
+            for c in conns[:2]
+        ]
+        return set(seen) == {c["name"] for c in web}, lines
+
+    tour.step(
+        "VIP load balancing in the dataplane: round robin, DNAT + SNAT, no IPVS",
+        "vxnet exec client -- curl http://web/   (x6)",
+        vip,
+    )
+
+    def mesh() -> tuple[bool, list[str]]:
+        mgr.post("/services", {"name": "front", "image": "whoami", "replicas": 2,
+                               "ports": ["8080:80"]})  # fmt: skip
+        lab.converge()
+        outside = lab.add_fabric_namespace("out", "192.168.100.200")
+        replicas = {t["container"] for t in mgr.get("/services/front/tasks")}
+        lines, seen_all, ok = [], set(), True
+        for host in lab.hosts:
+            seen = set()
+            for _ in range(4):
+                r = subprocess.run(
+                    ["ip", "netns", "exec", outside, "curl", "-s", "--max-time", "3",
+                     f"http://{lab.host_address(host)}:8080/"],
+                    capture_output=True, text=True, timeout=20, check=False,
+                )  # fmt: skip
+                seen |= {ln.split(": ")[1] for ln in r.stdout.splitlines() if "Hostname" in ln}
+            has_task = any(t["node"] == host for t in mgr.get("/services/front/tasks"))
+            where = "runs a task" if has_task else "runs no task"
+            lines.append(f"curl {lab.host_address(host)}:8080 ({host}, {where}): {sorted(seen)}")
+            ok &= bool(seen)
+            seen_all |= seen
+        lines.append("host DNAT -> ingress sandbox -> ingress VIP -> a task anywhere")
+        return ok and seen_all == replicas, lines
+
+    tour.step(
+        "The routing mesh: a client outside the swarm reaches a task through any host's :8080",
+        "vxnet service create --name front --replicas 2 -p 8080:80 whoami; curl hN:8080",
+        mesh,
     )
 
     def isolation() -> tuple[bool, list[str]]:

@@ -25,7 +25,6 @@ import trio
 from vxnet.dataplane.tables import NetworkSpec, SetIpsecKeys, SetUnderlay
 from vxnet.errors import BadPacket, Conflict, NotFound, UsageError, VxnetError
 from vxnet.esp.sa import DEFAULT_ICV_LEN, DOCKER_ICV_LEN
-from vxnet.esp.sa import DEFAULT_ICV_LEN, DOCKER_ICV_LEN
 from vxnet.files import write_private
 from vxnet.manager import pki
 from vxnet.manager.proto import field_untrusted
@@ -356,8 +355,12 @@ class Agent:
         d = self.daemon
         nets = {n["id"]: n for n in field_untrusted(msg, "networks", list)}
         port = msg.get("data_path_port")
-        if isinstance(port, int) and port != d.dataplane.data_port:
-            await d.program(SetUnderlay(d.dataplane.underlay_addr, port))
+        port = port if isinstance(port, int) else d.dataplane.data_port
+        # VXLAN and ESP leave from the data-path address (`--data-path-addr`), which may be on
+        # another interface than the control plane's (2377, 7946)
+        addr = str(self.info.get("data_path_addr") or d.dataplane.underlay_addr)
+        if (addr, port) != (d.dataplane.underlay_addr, d.dataplane.data_port):
+            await d.program(SetUnderlay(addr, port))
         for net in nets.values():
             await d.ensure_network(spec_from_summary(net), net["id"])
         self.networks = nets

@@ -72,6 +72,11 @@ class Container:
     task_id: str | None = None  # set for a swarm task, None for a standalone container
     attached: bool = False  # a standalone container on a swarm network (the manager's address)
     reported: bool = False  # its exit has been reported to the manager
+    sandbox: bool = False  # a namespace with no process of its own (the ingress sandbox)
+    gateway_ip: str = ""  # its address on docker_gwbridge, in a swarm
+    publish: list[tuple[str, int, int]] = field(default_factory=list)  # (proto, host, target)
+    aliases: list[str] = field(default_factory=list)  # --network-alias
+    service: dict[str, Any] | None = None  # a task's service, as the manager assigned it
     pid: int = 0
     created: float = field(default_factory=time.time)
     exit_code: int | None = None

@@ -14,7 +14,7 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -22,6 +22,7 @@ from vxnet import __version__, netns
 from vxnet.daemon import containers as ctr
 from vxnet.daemon.http import Request, Router, serve_http
 from vxnet.daemon.localnets import LocalNetworks
+from vxnet.daemon.mesh import Mesh, PortSpec, parse_publish
 from vxnet.daemon.peers import Peers
 from vxnet.daemon.swarm import Swarm
 from vxnet.dataplane.engine import Dataplane
@@ -41,6 +42,9 @@ from vxnet.errors import Conflict, NotFound, UsageError
 from vxnet.wire.ethernet import mac_from_str
 from vxnet.wire.vxlan import VNI_MAX
 
+if TYPE_CHECKING:
+    from vxnet.daemon.discovery import Discovery
+
 log = logging.getLogger("vxnet.daemon")
 MIN_MTU = 68
 DATAPLANE_PATH = "per-frame forwarder: one read and one sendmsg per frame, no offloads"
@@ -55,6 +59,13 @@ class DaemonConfig:
     data_port: int = 4789
     netns: str | None = None  # the host namespace the daemon lives in
     ns_prefix: str = "vxc-"  # container namespaces are named prefix + container name
+
+
+def _strings(body: Any, key: str) -> list[str]:
+    value = _field(body, key, list, required=False) or []
+    if not all(isinstance(v, str) for v in value):
+        raise UsageError(f"field {key!r} must be a list of strings")
+    return list(value)
 
 
 def _field(body: Any, key: str, kind: type, required: bool = True) -> Any:
@@ -113,10 +124,17 @@ class Daemon:
         self.network_ids: dict[str, str] = {}  # swarm network name -> id (networkdb's key)
         self.network_names: dict[str, str] = {}  # and back
         self.peers: Peers | None = None  # gossip's overlay_peer_table, once the node gossips
+        self.discovery: Discovery | None = None  # endpoint_table, DNS and VIPs, likewise
+        self.ingress_networks: set[str] = set()  # swarm networks made with --ingress
+        self.lb_addresses: dict[str, ipaddress.IPv4Address] = {}  # the manager's, per network
+        self.mesh = Mesh(self)
         self.router = Router()
         self._routes()
         self.localnets = LocalNetworks(config.state_dir / "local-networks.json")
         self.swarm = Swarm(self)
+
+    def swarm_ingress(self, network: str) -> bool:
+        return network in self.ingress_networks
 
     async def program(self, update: TableUpdate) -> None:
         """Hand one table update to the dataplane thread and wait until it is applied."""
@@ -148,6 +166,8 @@ class Daemon:
                 self.network_names.pop(self.network_ids.pop(name, ""), None)
                 if spec is not None:
                     await self.program(RemoveNetwork(spec.vni))
+                    if self.discovery is not None:
+                        self.discovery.forget_network(name, spec.vni)
 
     def _network(self, name: str) -> NetworkSpec:
         spec = self.networks.get(name)
@@ -178,10 +198,43 @@ class Daemon:
         r.route("POST", "/fdb")(self.add_fdb)
         r.route("DELETE", "/fdb/{network}/{mac}")(self.remove_fdb)
         r.route("GET", "/dataplane/stats")(self.stats)
+        r.route("GET", "/mesh")(self.mesh_info)
+        r.route("GET", "/endpoints")(self.endpoints)
+        r.route("GET", "/discovery")(self.discovery_info)
+        r.route("GET", "/dataplane/lb")(self.lb_info)
         r.route("GET", "/local-networks")(self.list_local_networks)
         r.route("POST", "/local-networks")(self.create_local_network)
         r.route("GET", "/local-networks/{name}")(self.inspect_local_network)
         r.route("DELETE", "/local-networks/{name}")(self.remove_local_network)
+
+    async def endpoints(self, req: Request) -> Any:
+        """Every endpoint this node publishes to its peers: containers' interfaces, the
+        ingress sandbox's, and its load-balancer addresses."""
+        out = [
+            {"owner": c.name, "network": e.network, "ip": e.ip, "mac": e.mac}
+            for c in self.containers.values()
+            for e in c.endpoints
+        ]
+        if self.discovery is not None:
+            out += [
+                {"owner": f"lb-{net}", "network": net, "ip": str(ip),
+                 "mac": endpoint_mac(ip).hex(":")}
+                for net, ip in self.discovery.lb_addresses.items()
+                if not self.swarm_ingress(net)
+            ]  # fmt: skip
+        return out
+
+    async def mesh_info(self, req: Request) -> Any:
+        return self.mesh.to_json()
+
+    async def discovery_info(self, req: Request) -> Any:
+        if self.discovery is None:
+            raise NotFound("service discovery runs once this node is in a swarm and gossips")
+        return self.discovery.to_json()
+
+    async def lb_info(self, req: Request) -> Any:
+        switch = self.dataplane.switch
+        return {"services": switch.lb_table(), "connections": switch.conntrack()}
 
     async def info(self, req: Request) -> Any:
         c = self.config
@@ -240,7 +293,7 @@ class Daemon:
     async def list_containers(self, req: Request) -> Any:
         for c in self.containers.values():
             c.poll()
-        return [c.to_json() for c in self.containers.values()]
+        return [c.to_json() for c in self.containers.values() if not c.sandbox]
 
     async def inspect_container(self, req: Request) -> Any:
         c = self._container(req.params["name"])
@@ -256,22 +309,33 @@ class Daemon:
             raise UsageError("field 'cmd' must be a list of strings")
         network = _field(body, "network", str)
         wanted = _field(body, "ip", str, required=False)
-        if network not in self.networks and self.attacher is not None:
-            # a swarm network: the manager decides (attachable?) and gives the address
+        publish = [parse_publish(p) for p in _strings(body, "publish")]
+        aliases = [ctr.check_name("network alias", a) for a in _strings(body, "aliases")]
+        swarm_net = network in self.swarm_networks or network not in self.networks
+        if swarm_net and self.attacher is not None:
+            # a swarm network (programmed here already or not): the manager decides
+            # (attachable?) and gives the address, never this node's own pick
             if name in self.containers:
                 raise Conflict(f'the container name "{name}" is already in use')
             spec, ip = await self.attacher.attach(name, network, wanted)
             try:
-                container = await self.start_container(name, [(spec, ip)], image, cmd)
+                container = await self.start_container(
+                    name, [(spec, ip)], image, cmd, publish=publish, aliases=aliases, attached=True
+                )
             except BaseException:
                 await self.attacher.detach(name)
                 raise
-            container.attached = True
             return container.to_json()
         spec = self._network(network)
+        if publish and spec.name not in self.swarm_networks:
+            raise UsageError("-p publishes through docker_gwbridge: use a swarm network")
         async with self._lock:
             ip = self._pick_ip(spec, wanted)
-        return (await self.start_container(name, [(spec, ip)], image, cmd)).to_json()
+        return (
+            await self.start_container(
+                name, [(spec, ip)], image, cmd, publish=publish, aliases=aliases
+            )
+        ).to_json()
 
     async def start_container(
         self,
@@ -280,8 +344,14 @@ class Daemon:
         image: str,
         cmd: list[str],
         task_id: str | None = None,
+        *,
+        service: dict[str, Any] | None = None,
+        publish: list[PortSpec] | None = None,
+        aliases: list[str] | None = None,
+        attached: bool = False,
     ) -> ctr.Container:
-        """Namespace, one TAP per network handed to the dataplane, then the process."""
+        """Namespace, one TAP per network handed to the dataplane, then the process; in a
+        swarm, the docker_gwbridge interface, published ports, records and resolver too."""
         argv = ctr.image_argv(image, cmd)
         async with self._lock:
             if name in self.containers:
@@ -294,22 +364,33 @@ class Daemon:
                     AddPort(spec.vni, endpoint.port_id(name), fd, endpoint_mac(ip), ip)
                 )
             endpoints = [e for e, _ in made]
-            container = ctr.Container(name, endpoints, ns, image, cmd, task_id)
+            container = ctr.Container(name, endpoints, ns, image, cmd, task_id, attached)
+            container.service = service
+            container.publish = list(publish or [])
+            container.aliases = list(aliases or [])
+            if any(e.network in self.swarm_networks for e in endpoints):
+                try:
+                    await self.mesh.attach(container)  # before the process: its default route
+                except BaseException:
+                    await self._unwind(container)
+                    raise
             log_path = self.config.state_dir / "containers" / f"{name}.log"
             try:
                 container.proc = await trio.to_thread.run_sync(
                     ctr.start_process, ns, name, argv, log_path
                 )
             except BaseException:
-                for endpoint in endpoints:
-                    await self.program(RemovePort(endpoint.port_id(name)))
-                await trio.to_thread.run_sync(netns.remove, ns)
+                await self._unwind(container)
                 raise
             container.pid = container.proc.pid
             self.containers[name] = container
         if self.peers is not None:
             for spec, endpoint in zip((s for s, _ in attach), endpoints, strict=True):
                 await self.peers.endpoint_up(name, endpoint, spec)
+        if container.publish:
+            await self.mesh.publish(name, container.publish)
+        if self.discovery is not None:
+            await self.discovery.container_up(container)
         log.info(
             "container %s on %s image %s%s",
             name,
@@ -319,16 +400,33 @@ class Daemon:
         )
         return container
 
+    async def _unwind(self, c: ctr.Container) -> None:
+        """Undo a half-made container: its ports, its gwbridge address, its namespace."""
+        for endpoint in c.endpoints:
+            await self.program(RemovePort(endpoint.port_id(c.name)))
+        await self.mesh.release(c.name)
+        await trio.to_thread.run_sync(netns.remove, c.netns)
+
     async def destroy(self, name: str) -> None:
-        """Kill a container's processes, release its TAPs, delete its namespace."""
+        """Kill a container's processes, release its TAPs, delete its namespace.
+
+        A task is drained first (weight 0 on every node's load balancer, out of DNS), as
+        Docker's graceful stop does, so that new connections go elsewhere before it dies.
+        """
+        c = self._container(name)
+        if self.discovery is not None and c.exit_code is None:
+            await self.discovery.drain(c)
         async with self._lock:
             c = self._container(name)
             del self.containers[c.name]  # first, so the peers see the endpoint gone
+            if self.discovery is not None:
+                await self.discovery.container_down(c)
             for endpoint in c.endpoints:
                 if self.peers is not None:
                     await self.peers.endpoint_down(c.name, endpoint)
                 await self.program(RemovePort(endpoint.port_id(c.name)))
             await trio.to_thread.run_sync(ctr.destroy_container, c)
+            await self.mesh.release(c.name)
         if c.attached and self.attacher is not None:
             await self.attacher.detach(c.name)
 

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from vxnet.daemon.agent import Agent, NodeFiles
+from vxnet.daemon.discovery import Discovery
 from vxnet.daemon.http import Request
 from vxnet.daemon.peers import Peers
 from vxnet.errors import BadPacket, Conflict, UsageError, VxnetError
 from vxnet.esp.sa import DEFAULT_ICV_LEN
-from vxnet.gossip.networkdb import decode_peer_record_untrusted
+from vxnet.gossip.networkdb import TableEvent, decode_peer_record_untrusted
 from vxnet.gossip.service import GOSSIP_PORT, GossipService
 from vxnet.manager import networks as nets
 from vxnet.manager import pki, services, tokens
@@ -88,6 +89,7 @@ class Swarm:
             await self._nursery.start(
                 self._supervise, "manager", self._manager_runner(manager, info)
             )
+        await self.daemon.mesh.enable()
         agent = Agent(self.daemon, self.files)
         self.agent = agent
         self.daemon.attacher = agent
@@ -112,18 +114,27 @@ class Swarm:
             name = f"{info['node_id'][:12]}-{secrets.token_hex(4)}"
             service = GossipService(name, info["advertise_addr"], keys=keys, primary=primary)
             peers = Peers(self.daemon, service, name, info["data_path_addr"])
-            service.watcher = peers.on_table_event
+            discovery = Discovery(self.daemon, service, name)
+
+            async def watch(event: TableEvent) -> None:
+                await peers.on_table_event(event)
+                await discovery.on_table_event(event)
+
+            service.watcher = watch
             self.gossip = service
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(service.serve, self._gossip_seeds(info))
                     self.daemon.peers = peers
                     await peers.publish_all()
+                    self.daemon.discovery = discovery
+                    await nursery.start(discovery.run)
                     while True:
                         await agent.keys_changed.wait()
                         service.set_keys(*gossip_keys(agent.keys))
             finally:
                 self.daemon.peers = None
+                self.daemon.discovery = None
                 self.gossip = None
 
         return run
@@ -316,6 +327,7 @@ class Swarm:
         for c in list(self.daemon.containers.values()):
             if c.task_id or c.attached:
                 await self.daemon.destroy(c.name)
+        await self.daemon.mesh.disable()
         await self.daemon.prune_networks(keep=set())
         if self.store is not None:
             self.store.close()

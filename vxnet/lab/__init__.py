@@ -137,8 +137,15 @@ class Lab:
         image: str = "idle",
         cmd: Sequence[str] = (),
         ip: str | None = None,
+        *,
+        publish: Sequence[str] = (),
+        aliases: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """Start a container on ``host`` and tell every other host about it."""
+        """Start a container on ``host`` and tell every other host about it.
+
+        ``publish``: ``HOST:CONTAINER[/udp|/sctp]`` ports (swarm networks: through
+        docker_gwbridge); ``aliases``: extra DNS names on its network (``--network-alias``).
+        """
         with self._locked():
             existing = self.containers()
             if name in existing:
@@ -148,7 +155,15 @@ class Lab:
             manual = {n["name"] for n in self.state["networks"]} if not self.swarm else set()
             if ip is None and network in manual:  # swarm networks: the manager allocates
                 ip = self._free_ip(network, existing)
-            body = {"name": name, "network": network, "image": image, "cmd": list(cmd), "ip": ip}
+            body = {
+                "name": name,
+                "network": network,
+                "image": image,
+                "cmd": list(cmd),
+                "ip": ip,
+                "publish": list(publish),
+                "aliases": list(aliases),
+            }
             created: dict[str, Any] = self.client(host).post("/containers", body)
             self.sync_peers()
         return dict(created, host=host)
@@ -203,7 +218,9 @@ class Lab:
         deadline = time.monotonic() + timeout
         while True:
             endpoints = [
-                dict(e, host=c["host"]) for c in self.containers().values() for e in c["endpoints"]
+                dict(e, host=host)
+                for host in self.hosts
+                for e in self.client(host).get("/endpoints")
             ]
             missing: dict[str, Any] = {}
             for host in self.hosts:

@@ -1,0 +1,250 @@
+"""Service discovery, VIP load balancing and the routing mesh, shown for real (root).
+
+One 3-host swarm lab.  ``app`` (attachable) carries ``web`` (whoami, 3 replicas, published on
+8080 through the ingress routing mesh), ``rr`` (dnsrr, 2 replicas), ``uecho`` (echo, UDP 7
+published on 5353/udp) and a standalone container ``c1`` with an alias; ``other`` carries a
+service ``hidden`` and nothing else.  A plain namespace on the fabric plays the client outside
+the swarm.  Issue 6's "Must be shown": the real dig at 127.0.0.11 for every record kind; curl
+through each host's published port reaching every replica; UDP published; scaling and a task's
+death changing answers and backends; isolation between networks; docker_gwbridge as the way out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import unique_lab_name
+from vxnet import netns
+from vxnet.lab import Lab, builder
+
+pytestmark = pytest.mark.root
+
+OUTSIDE = "192.168.100.250"  # the client outside the swarm, on the fabric
+UDP_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(b"ping-through-the-mesh", (sys.argv[1], int(sys.argv[2])))
+print(s.recvfrom(100)[0].decode())
+"""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    name = unique_lab_name("m")
+    lab = Lab(hosts=3, name=name)
+    try:
+        mgr = lab.manager
+        mgr.post("/swarm/networks", {"name": "app", "attachable": True})
+        mgr.post("/swarm/networks", {"name": "other"})
+        mgr.post("/services", {"name": "web", "image": "whoami", "replicas": 3,
+                               "networks": ["app"], "ports": ["8080:80"]})  # fmt: skip
+        mgr.post("/services", {"name": "rr", "image": "whoami", "replicas": 2,
+                               "networks": ["app"], "endpoint_mode": "dnsrr"})  # fmt: skip
+        mgr.post("/services", {"name": "uecho", "image": "echo", "replicas": 1,
+                               "networks": ["app"], "ports": ["5353:7/udp"]})  # fmt: skip
+        mgr.post("/services", {"name": "hidden", "image": "whoami", "networks": ["other"]})
+        lab.converge()
+        lab.run("h1", "c1", "app", "idle", aliases=["db"])
+        lab.add_fabric_namespace("out", OUTSIDE)
+        wait_for(lambda: len(dig(lab, "c1", "tasks.web")) == 3, "3 web tasks in DNS")
+        wait_for(lambda: len(dig(lab, "c1", "tasks.rr")) == 2, "2 rr tasks in DNS")
+        yield lab
+    finally:
+        lab.down()
+        assert netns.list_with_prefix(builder.prefix(name)) == []
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def dig(lab: Lab, container: str, name: str, *extra: str) -> list[str]:
+    """The answer section of the real dig, asked at 127.0.0.11 inside ``container``."""
+    r = lab.exec(container, ["dig", "@127.0.0.11", "+short", "+time=2", "+tries=1", *extra, name])
+    return r.stdout.split()
+
+
+def dig_status(lab: Lab, container: str, name: str, *extra: str) -> str:
+    r = lab.exec(container, ["dig", "@127.0.0.11", "+time=2", "+tries=1", *extra, name])
+    m = re.search(r"status: (\w+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    return m.group(1)
+
+
+def outside(lab: Lab, argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    ns = f"{builder.prefix(lab.name)}xout"
+    return subprocess.run(netns.exec_argv(ns, argv), capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+
+
+def hostname(body: str) -> str:
+    m = re.search(r"^Hostname: (\S+)", body, re.M)
+    assert m, body
+    return m.group(1)
+
+
+def curl(run: Callable[[list[str]], Any], url: str) -> str:
+    r = run(["curl", "-s", "--max-time", "3", url])
+    assert r.returncode == 0, f"curl {url}: {r.returncode} {r.stderr}"
+    return str(r.stdout)
+
+
+def service_vip(lab: Lab, service: str, network: str = "app") -> str:
+    svc = lab.manager.get(f"/services/{service}")
+    net = next(n for n in lab.manager.get("/swarm/networks") if n["name"] == network)
+    return str(svc["vips"][net["id"]])
+
+
+def task_ips(lab: Lab, service: str, network: str = "app") -> set[str]:
+    return {
+        e["ip"]
+        for c in lab.containers().values()
+        if c["name"].startswith(f"{service}.")
+        for e in c["endpoints"]
+        if e["network"] == network
+    }
+
+
+def ip_on(lab: Lab, container: str, network: str = "app") -> str:
+    return str(next(e["ip"] for e in lab.find(container)["endpoints"] if e["network"] == network))
+
+
+# ----------------------------------------------------------------------------------- DNS
+
+
+def test_dig_answers_every_record_kind(lab: Lab) -> None:
+    assert dig(lab, "c1", "web") == [service_vip(lab, "web")]  # vip mode: the VIP only
+    assert set(dig(lab, "c1", "tasks.web")) == task_ips(lab, "web")
+    assert set(dig(lab, "c1", "rr")) == task_ips(lab, "rr")  # dnsrr: every task
+    assert set(dig(lab, "c1", "tasks.rr")) == task_ips(lab, "rr")
+    assert dig(lab, "c1", "c1") == [lab.ip("c1")]  # a container's name
+    assert dig(lab, "c1", "db") == [lab.ip("c1")]  # and its --network-alias
+    task = next(n for n in lab.containers() if n.startswith("web."))
+    assert dig(lab, "c1", task) == [ip_on(lab, task)]  # a task's name
+    assert dig_status(lab, "c1", "web", "AAAA") == "NOERROR"  # exists, no IPv6: empty
+    assert dig(lab, "c1", "web", "AAAA") == []
+    assert dig_status(lab, "c1", "nosuchservice") == "NXDOMAIN"
+    assert set(dig(lab, "c1", "tasks.web", "+tcp")) == task_ips(lab, "web")  # DNS over TCP
+    assert dig_status(lab, "c1", "example.com") == "SERVFAIL"  # no upstream in a lab: at once
+    # every node answers the same: a task on another host asks too
+    other = next(
+        n for n, c in lab.containers().items() if n.startswith("rr.") and c["host"] != "h1"
+    )
+    assert set(dig(lab, other, "tasks.web")) == task_ips(lab, "web")
+
+
+def test_resolv_conf_points_at_the_embedded_resolver(lab: Lab) -> None:
+    r = lab.exec("c1", ["cat", "/etc/resolv.conf"])
+    assert "nameserver 127.0.0.11" in r.stdout
+    r = lab.exec("c1", ["getent", "hosts", "web"])  # the libc resolver, through resolv.conf
+    assert r.stdout.split()[:1] == [service_vip(lab, "web")], r.stdout + r.stderr
+
+
+def test_isolation_a_container_cannot_resolve_or_reach_another_networks_service(lab: Lab) -> None:
+    assert dig_status(lab, "c1", "hidden") == "NXDOMAIN"
+    # a dotted name that is not ours goes upstream, and a lab has none: SERVFAIL, no answer
+    assert dig_status(lab, "c1", "tasks.hidden") in ("NXDOMAIN", "SERVFAIL")
+    assert dig(lab, "c1", "tasks.hidden") == []
+    vip = service_vip(lab, "hidden", "other")
+    r = lab.exec("c1", ["curl", "-s", "--max-time", "2", f"http://{vip}/"])
+    assert r.returncode != 0, r.stdout
+    hidden_ip = task_ips(lab, "hidden", "other").pop()
+    r = lab.exec("c1", ["curl", "-s", "--max-time", "2", f"http://{hidden_ip}/"])
+    assert r.returncode != 0, r.stdout
+
+
+# ----------------------------------------------------------------------------- VIP LB
+
+
+def test_vip_spreads_connections_over_every_replica(lab: Lab) -> None:
+    names = Counter(hostname(curl(lambda a: lab.exec("c1", a), "http://web/")) for _ in range(30))
+    tasks = {n for n in lab.containers() if n.startswith("web.")}
+    assert set(names) == tasks, names
+    assert max(names.values()) - min(names.values()) <= 1, names  # round robin
+    body = curl(lambda a: lab.exec("c1", a), "http://web/")
+    lb = lab.client("h1").get("/discovery")["lb_addresses"]["app"]
+    assert f"RemoteAddr: {lb}:" in body  # SNAT to h1's load-balancer address on app
+
+
+# ------------------------------------------------------------------------ routing mesh
+
+
+def test_routing_mesh_any_host_reaches_every_replica(lab: Lab) -> None:
+    tasks = {n for n in lab.containers() if n.startswith("web.")}
+    for host in lab.hosts:
+        seen = {
+            hostname(curl(lambda a: outside(lab, a), f"http://{lab.host_address(host)}:8080/"))
+            for _ in range(30)
+        }
+        assert seen == tasks, (host, seen)
+
+
+def test_routing_mesh_reaches_a_task_from_a_host_that_runs_none(lab: Lab) -> None:
+    hosts_with_uecho = {c["host"] for n, c in lab.containers().items() if n.startswith("uecho.")}
+    empty = next(h for h in lab.hosts if h not in hosts_with_uecho)
+    r = outside(lab, ["python3", "-c", UDP_CLIENT, lab.host_address(empty), "5353"])
+    assert r.stdout.strip() == "ping-through-the-mesh", r.stdout + r.stderr
+
+
+def test_standalone_container_publishes_through_docker_gwbridge(lab: Lab) -> None:
+    lab.run("h2", "pub1", "app", "whoami", publish=["9090:80"])
+    try:
+        body = curl(lambda a: outside(lab, a), f"http://{lab.host_address('h2')}:9090/")
+        assert hostname(body) == "pub1"
+        assert f"RemoteAddr: {OUTSIDE}:" in body  # a plain DNAT keeps the client's address
+        r = outside(
+            lab, ["curl", "-s", "--max-time", "2", f"http://{lab.host_address('h1')}:9090/"]
+        )
+        assert r.returncode != 0  # only the node running it publishes it
+    finally:
+        lab.rm("pub1")
+
+
+def test_containers_leave_the_swarm_through_docker_gwbridge(lab: Lab) -> None:
+    routes = lab.exec("c1", ["ip", "route", "show", "default"]).stdout
+    assert "dev eth1" in routes, routes
+    r = lab.exec("c1", ["ping", "-c", "2", "-W", "2", OUTSIDE])
+    assert r.returncode == 0, r.stdout + r.stderr
+    # ICC off: two containers' gwbridge addresses cannot reach each other
+    mesh = lab.client("h1").get("/mesh")
+    others = [ip for n, ip in mesh["containers"].items() if n not in ("c1",)]
+    assert others
+    r = lab.exec("c1", ["ping", "-c", "1", "-W", "1", others[0]])
+    assert r.returncode != 0
+
+
+# ------------------------------------------------------------------ changes over time
+
+
+def test_scaling_and_a_dead_task_change_answers_and_backends(lab: Lab) -> None:
+    lab.manager.post("/services/web/scale", {"replicas": 1})
+    wait_for(lambda: len(dig(lab, "c1", "tasks.web")) == 1, "one web task in DNS", 30)
+    only = {n for n in lab.containers() if n.startswith("web.") and ip_on(lab, n) in dig(
+        lab, "c1", "tasks.web")}  # fmt: skip
+    seen = {hostname(curl(lambda a: lab.exec("c1", a), "http://web/")) for _ in range(6)}
+    assert seen == only
+    lab.manager.post("/services/web/scale", {"replicas": 3})
+    wait_for(lambda: len(dig(lab, "c1", "tasks.web")) == 3, "three web tasks again", 30)
+    # a task dies: the manager replaces it; answers and backends follow
+    victim = next(n for n, c in lab.containers().items() if n.startswith("web."))
+    ip = ip_on(lab, victim)
+    os.kill(int(lab.find(victim)["pid"]), signal.SIGKILL)  # its process only
+    wait_for(lambda: ip not in dig(lab, "c1", "tasks.web"), "the dead task out of DNS", 30)
+    wait_for(lambda: len(dig(lab, "c1", "tasks.web")) == 3, "a replacement task", 30)
+    tasks = {n for n in lab.containers() if n.startswith("web.")}
+    seen = {hostname(curl(lambda a: lab.exec("c1", a), "http://web/")) for _ in range(15)}
+    assert seen == tasks
