@@ -32,6 +32,7 @@ from vxnet.lab.topology import HostSpec, LabSpec, check_lab_name
 
 RUN_ROOT = Path(os.environ.get("VXNET_RUN_DIR", "/run/vxnet"))
 FABRIC_BRIDGE = "fabric0"
+DATA_BRIDGE = "data0"  # the second underlay, when the lab separates data from control
 DAEMON_START_TIMEOUT = 15.0
 
 
@@ -109,6 +110,9 @@ def up(spec: LabSpec) -> dict[str, Any]:
     try:
         netns.create(fabric_ns(lab))
         netns.add_bridge(fabric_ns(lab), FABRIC_BRIDGE)
+        if spec.data_subnet is not None:
+            netns.add_bridge(fabric_ns(lab), DATA_BRIDGE)
+            state["data_underlay"] = {"subnet": str(spec.data_subnet), "bridge": DATA_BRIDGE}
         for host in spec.hosts:
             state["hosts"][host.name] = _build_host(lab, host, spec)
             save_state(lab, state)
@@ -142,7 +146,16 @@ def _build_host(lab: str, host: HostSpec, spec: LabSpec) -> dict[str, Any]:
     netns.set_master(fabric_ns(lab), host.name, FABRIC_BRIDGE)
     netns.add_address(ns, "eth0", str(host.address), spec.underlay.prefixlen)
     d = run_dir(lab)
+    extra: dict[str, Any] = {}
+    if spec.data_subnet is not None:  # eth1 on the data underlay, same host number
+        offset = int(host.address) - int(spec.underlay.network_address)
+        data_addr = spec.data_subnet.network_address + offset
+        netns.add_veth(fabric_ns(lab), f"{host.name}d", ns, "eth1", mtu=spec.underlay_mtu)
+        netns.set_master(fabric_ns(lab), f"{host.name}d", DATA_BRIDGE)
+        netns.add_address(ns, "eth1", str(data_addr), spec.data_subnet.prefixlen)
+        extra = {"data_path_addr": str(data_addr), "data_if": "eth1", "data_port": f"{host.name}d"}
     return {
+        **extra,
         "netns": ns,
         "underlay_if": "eth0",
         "address": str(host.address),
@@ -218,13 +231,24 @@ def form_swarm(state: dict[str, Any], spec: LabSpec) -> None:
     lab file's networks created through the manager (attachable overlays, fixed VNIs)."""
     first = spec.hosts[0].name
     manager = client(state, first)
+    hosts = state["hosts"]
+
+    def addresses(host: str) -> dict[str, str]:
+        """--advertise-addr (2377, 7946) and --data-path-addr (VXLAN, ESP) of a host."""
+        h = hosts[host]
+        return {"advertise_addr": h["address"],
+                "data_path_addr": h.get("data_path_addr") or h["address"]}  # fmt: skip
+
     manager.post("/swarm/init", {"key_rotation_interval": spec.key_rotation_interval,
                                  "data_path_port": spec.data_port,
-                                 "esp_icv_length": spec.esp_icv_length})  # fmt: skip
+                                 "esp_icv_length": spec.esp_icv_length,
+                                 **addresses(first)})  # fmt: skip
     token = manager.get("/swarm/join-token/worker")["token"]
-    remote = f"{state['hosts'][first]['address']}:2377"
+    remote = f"{hosts[first]['address']}:2377"
     for host in spec.hosts[1:]:
-        client(state, host.name).post("/swarm/join", {"token": token, "remote": remote})
+        client(state, host.name).post(
+            "/swarm/join", {"token": token, "remote": remote, **addresses(host.name)}
+        )
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
     while not all(n["status"] == "ready" for n in manager.get("/nodes")):  # agents said hello
         if time.monotonic() > deadline:

@@ -6,6 +6,8 @@ name = "mylab"                       # optional; `vxnet lab up --name` wins
 subnet = "192.168.100.0/24"          # host k gets .10+k unless it names an address
 mtu = 1500
 data_port = 4789                     # VXLAN's UDP port (Docker: --data-path-port)
+data_subnet = "192.168.200.0/24"     # optional: a second underlay for VXLAN/ESP only
+                                     # (--data-path-addr); gossip and 2377 stay on the first
 [[host]]
 name = "h1"
 [[network]]
@@ -80,6 +82,8 @@ class LabSpec:
     swarm: bool = True  # swarm init on the first host, the others join (False: manual mode)
     key_rotation_interval: str = "12h"
     esp_icv_length: int = 16  # 8 as Docker (encrypted MTU 1424), 16 by default (1416)
+    #: a second underlay for VXLAN/ESP only (`--data-path-addr`); None: one underlay for all
+    data_subnet: ipaddress.IPv4Network | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -154,6 +158,14 @@ def parse_spec(
     if not 576 <= underlay_mtu <= 9000:
         raise UsageError(f"{source} [underlay]: mtu must be 576-9000")
     data_port = _get(underlay_t, "data_port", int, f"{source} [underlay]", 4789)
+    data_text = underlay_t.get("data_subnet")
+    data_subnet = None if data_text is None else _net(data_text, f"{source} [underlay]")
+    if data_subnet is not None and (
+        data_subnet.overlaps(underlay) or data_subnet.num_addresses < underlay.num_addresses
+    ):
+        raise UsageError(
+            f"{source} [underlay]: data_subnet must not overlap the subnet and be as large"
+        )
     if not 1024 <= data_port <= 49151 and data_port != 4789:
         raise UsageError(f"{source} [underlay]: data_port must be 4789 or 1024-49151 (as Docker)")
     host_specs = _parse_hosts(data.get("host", []), underlay, hosts, source)
@@ -184,6 +196,7 @@ def parse_spec(
         enabled,
         rotation,
         icv,
+        data_subnet,
     )
 
 
