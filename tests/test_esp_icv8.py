@@ -16,9 +16,9 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import algorithms, modes
 from scapy.layers import ipsec
 from scapy.layers.inet import IP
-from cryptography.hazmat.primitives.ciphers import algorithms, modes
 from scapy.layers.ipsec import ESP, CryptAlgo
 
 from tests.conftest import unique_lab_name
