@@ -11,10 +11,12 @@ death changing answers and backends; isolation between networks; docker_gwbridge
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -248,3 +250,23 @@ def test_scaling_and_a_dead_task_change_answers_and_backends(lab: Lab) -> None:
     tasks = {n for n in lab.containers() if n.startswith("web.")}
     seen = {hostname(curl(lambda a: lab.exec("c1", a), "http://web/")) for _ in range(15)}
     assert seen == tasks
+
+
+def test_lb_command_shows_vips_and_sets_idle_timeouts(lab: Lab) -> None:
+    def vx(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vxnet", "--lab", lab.name, "-H", "h1",
+                               "dataplane", "lb", *args], capture_output=True, text=True,
+                              timeout=30, check=False)  # fmt: skip
+
+    r = vx()
+    assert r.returncode == 0, r.stderr
+    assert service_vip(lab, "web") in r.stdout and "8080->80/tcp" in r.stdout
+    r = vx("--set", "tcp_established_idle=900", "--set", "udp_idle=5", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    settings = json.loads(r.stdout)["settings"]
+    assert (settings["tcp_established_idle"], settings["udp_idle"]) == (900, 5)
+    r = vx("--set", "no_such_timeout=5")
+    assert r.returncode != 0 and "unknown settings" in r.stderr
+    r = vx("--set", "udp_idle=-1")
+    assert r.returncode != 0 and "positive" in r.stderr
+    assert vx("--set", "udp_idle=30", "--set", "tcp_established_idle=7500").returncode == 0

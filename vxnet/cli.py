@@ -447,6 +447,51 @@ def dataplane_stats(ctx: Ctx, fmt: str) -> None:
     _emit(st, fmt, rows)
 
 
+@dataplane.command("lb")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=SECONDS",
+    help="Change a timeout (e.g. tcp_established_idle=900) or max_connections on this host.",
+)
+@FORMAT
+@pass_ctx
+def dataplane_lb(ctx: Ctx, settings: tuple[str, ...], fmt: str) -> None:
+    """The load balancer: VIPs with their backends, the connection table and its timeouts."""
+    client = ctx.client()
+    if settings:
+        body: dict[str, float] = {}
+        for item in settings:
+            key, sep, value = item.partition("=")
+            try:
+                body[key] = float(value)
+            except ValueError:
+                raise UsageError(f"--set {item!r}: use KEY=NUMBER") from None
+            if not sep:
+                raise UsageError(f"--set {item!r}: use KEY=NUMBER")
+        client.post("/dataplane/lb/settings", body)
+    info = client.get("/dataplane/lb")
+    if fmt == "json":
+        _emit(info, fmt)
+        return
+    services = [["NETWORK", "VIP", "LB ADDRESS", "PORTS", "BACKENDS ip(weight/active)"]]
+    for s in info["services"]:
+        ports = " ".join(f"{p['published']}->{p['target']}/{p['protocol']}" for p in s["ports"])
+        backends = " ".join(f"{b['ip']}({b['weight']}/{b['active']})" for b in s["backends"])
+        services.append([s["network"], s["vip"], s["lb_ip"], ports or "any", backends])
+    conns = [["NETWORK", "PROTO", "CLIENT -> VIP", "SNAT -> BACKEND", "STATE", "EXPIRES"]]
+    conns += [
+        [c["network"], c["proto"], f"{c['client']} -> {c['vip']}",
+         f"{c['snat']} -> {c['backend']}", c["state"], f"{c['expires_in']:.0f}s"]
+        for c in info["connections"]
+    ]  # fmt: skip
+    _emit(info, fmt, services)
+    click.echo()
+    _emit(info, fmt, conns)
+    click.echo("\ntimeouts (s): " + ", ".join(f"{k}={v:g}" for k, v in info["settings"].items()))
+
+
 def _drops(drops: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "0"
 

@@ -7,6 +7,7 @@ Layers: this trio service owns the control side and the HTTP API; the frames mov
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -31,6 +32,7 @@ from vxnet.dataplane.tables import (
     AddNetwork,
     AddPeer,
     AddPort,
+    LbSettings,
     NetworkSpec,
     RemoveNetwork,
     RemovePeer,
@@ -202,6 +204,7 @@ class Daemon:
         r.route("GET", "/endpoints")(self.endpoints)
         r.route("GET", "/discovery")(self.discovery_info)
         r.route("GET", "/dataplane/lb")(self.lb_info)
+        r.route("POST", "/dataplane/lb/settings")(self.lb_settings)
         r.route("GET", "/local-networks")(self.list_local_networks)
         r.route("POST", "/local-networks")(self.create_local_network)
         r.route("GET", "/local-networks/{name}")(self.inspect_local_network)
@@ -234,7 +237,28 @@ class Daemon:
 
     async def lb_info(self, req: Request) -> Any:
         switch = self.dataplane.switch
-        return {"services": switch.lb_table(), "connections": switch.conntrack()}
+        return {
+            "services": switch.lb_table(),
+            "connections": switch.conntrack(),
+            "settings": dataclasses.asdict(switch.lb_settings),
+        }
+
+    async def lb_settings(self, req: Request) -> Any:
+        """Change the load balancer's idle timeouts (seconds) or table size on this node."""
+        body = req.body if isinstance(req.body, dict) else {}
+        current = dataclasses.asdict(self.dataplane.switch.lb_settings)
+        unknown = set(body) - set(current)
+        if unknown:
+            raise UsageError(f"unknown settings {sorted(unknown)}: known are {sorted(current)}")
+        for key, value in body.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise UsageError(f"{key} must be a positive number")
+        settings = LbSettings(**{**current, **body})
+        if settings.max_connections != int(settings.max_connections):
+            raise UsageError("max_connections must be a whole number")
+        await self.program(dataclasses.replace(settings, max_connections=int(
+            settings.max_connections)))  # fmt: skip
+        return dataclasses.asdict(self.dataplane.switch.lb_settings)
 
     async def info(self, req: Request) -> Any:
         c = self.config
