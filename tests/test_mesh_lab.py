@@ -11,6 +11,7 @@ death changing answers and backends; isolation between networks; docker_gwbridge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,6 +32,22 @@ from vxnet.lab import Lab, builder
 pytestmark = pytest.mark.root
 
 OUTSIDE = "192.168.100.250"  # the client outside the swarm, on the fabric
+UPSTREAM = """
+import socket, sys
+import dns.message, dns.rcode, dns.rrset
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    data, addr = s.recvfrom(4096)
+    query = dns.message.from_wire(data)
+    reply = dns.message.make_response(query)
+    name = query.question[0].name.to_text()
+    if name == "example.test.":
+        reply.answer.append(dns.rrset.from_text(name, 60, "IN", "A", "203.0.113.7"))
+    else:
+        reply.set_rcode(dns.rcode.NXDOMAIN)
+    s.sendto(reply.to_wire(), addr)
+"""
 UDP_CLIENT = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -55,13 +72,25 @@ def lab() -> Iterator[Lab]:
         mgr.post("/services", {"name": "uecho", "image": "echo", "replicas": 1,
                                "networks": ["app"], "ports": ["5353:7/udp"]})  # fmt: skip
         mgr.post("/services", {"name": "hidden", "image": "whoami", "networks": ["other"]})
+        mgr.post("/services", {"name": "everywhere", "image": "whoami", "mode": "global",
+                               "ports": ["8081:80"]})  # fmt: skip
+        mgr.post("/services", {"name": "hostweb", "image": "whoami", "replicas": 1,
+                               "ports": ["published=8090,target=80,mode=host"]})  # fmt: skip
         lab.converge()
         lab.run("h1", "c1", "app", "idle", aliases=["db"])
         lab.add_fabric_namespace("out", OUTSIDE)
+        upstream = subprocess.Popen(
+            netns.exec_argv(f"{builder.prefix(name)}xout", [sys.executable, "-c", UPSTREAM,
+                                                             OUTSIDE])
+        )  # fmt: skip
+        lab.run("h2", "up1", "app", "idle", dns=[OUTSIDE])
         wait_for(lambda: len(dig(lab, "c1", "tasks.web")) == 3, "3 web tasks in DNS")
         wait_for(lambda: len(dig(lab, "c1", "tasks.rr")) == 2, "2 rr tasks in DNS")
         yield lab
     finally:
+        with contextlib.suppress(NameError):
+            upstream.kill()
+            upstream.wait()
         lab.down()
         assert netns.list_with_prefix(builder.prefix(name)) == []
 
@@ -270,3 +299,35 @@ def test_lb_command_shows_vips_and_sets_idle_timeouts(lab: Lab) -> None:
     r = vx("--set", "udp_idle=-1")
     assert r.returncode != 0 and "positive" in r.stderr
     assert vx("--set", "udp_idle=30", "--set", "tcp_established_idle=7500").returncode == 0
+
+
+def test_other_names_go_to_the_containers_upstream_through_docker_gwbridge(lab: Lab) -> None:
+    """`run --dns`: 127.0.0.11 forwards what is not the swarm's, from the container's own
+    namespace (its default route: docker_gwbridge, masqueraded onto the fabric)."""
+    assert dig(lab, "up1", "example.test") == ["203.0.113.7"]
+    assert dig_status(lab, "up1", "nosuch.test") == "NXDOMAIN"  # the upstream's own answer
+    assert dig(lab, "up1", "web") == [service_vip(lab, "web")]  # the swarm's names stay local
+    assert dig_status(lab, "c1", "example.test") == "SERVFAIL"  # c1 has no upstream
+
+
+def test_a_global_service_is_published_by_every_host(lab: Lab) -> None:
+    tasks = {n for n in lab.containers() if n.startswith("everywhere.")}
+    assert len(tasks) == len(lab.hosts)
+    seen = set()
+    for host in lab.hosts:
+        for _ in range(6):
+            url = f"http://{lab.host_address(host)}:8081/"
+            seen.add(hostname(curl(lambda a: outside(lab, a), url)))
+    assert seen == tasks
+
+
+def test_host_mode_publishes_only_where_the_task_runs(lab: Lab) -> None:
+    (task,) = [c for n, c in lab.containers().items() if n.startswith("hostweb.")]
+    for host in lab.hosts:
+        url = f"http://{lab.host_address(host)}:8090/"
+        r = outside(lab, ["curl", "-s", "--max-time", "2", url])
+        if host == task["host"]:
+            assert hostname(r.stdout) == task["name"]
+            assert f"RemoteAddr: {OUTSIDE}:" in r.stdout  # a plain DNAT: the client is seen
+        else:
+            assert r.returncode != 0, (host, r.stdout)

@@ -254,6 +254,7 @@ def daemon(
     "-p", "--publish", multiple=True, help="HOST:CONTAINER[/udp|/sctp] through docker_gwbridge."
 )
 @click.option("--network-alias", multiple=True, help="Another DNS name on the network.")
+@click.option("--dns", multiple=True, help="Upstream DNS server for other names (up to 3).")
 @click.argument("image")
 @click.argument("cmd", nargs=-1)
 @pass_ctx
@@ -265,6 +266,7 @@ def run(
     ip: str | None,
     publish: tuple[str, ...],
     network_alias: tuple[str, ...],
+    dns: tuple[str, ...],
     image: str,
     cmd: tuple[str, ...],
 ) -> None:
@@ -272,7 +274,7 @@ def run(
     lab_obj = ctx.lab()
     c = lab_obj.run(
         ctx.host(lab_obj), name, network, image, _strip_dashes(cmd), ip,
-        publish=publish, aliases=network_alias,
+        publish=publish, aliases=network_alias, dns=dns,
     )  # fmt: skip
     if detach:
         click.echo(c["name"])

@@ -397,6 +397,7 @@ def service() -> None:
     help="8080:80[/udp] or published=8080,target=80,protocol=udp,mode=ingress",
 )
 @click.option("--endpoint-mode", type=click.Choice(["vip", "dnsrr"]), default="vip")
+@click.option("--dns", multiple=True, help="Upstream DNS server of the tasks (up to 3).")
 @click.option("-d", "--detach", is_flag=True, help="Do not wait for the service to converge.")
 @click.argument("image")
 @click.argument("cmd", nargs=-1)
@@ -409,6 +410,7 @@ def service_create(
     networks: tuple[str, ...],
     ports: tuple[str, ...],
     endpoint_mode: str,
+    dns: tuple[str, ...],
     detach: bool,
     image: str,
     cmd: tuple[str, ...],
@@ -425,6 +427,7 @@ def service_create(
             "networks": list(networks),
             "ports": list(ports),
             "endpoint_mode": endpoint_mode,
+            "dns": list(dns),
         },
     )
     click.echo(svc["id"])

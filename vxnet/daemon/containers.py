@@ -76,6 +76,7 @@ class Container:
     gateway_ip: str = ""  # its address on docker_gwbridge, in a swarm
     publish: list[tuple[str, int, int]] = field(default_factory=list)  # (proto, host, target)
     aliases: list[str] = field(default_factory=list)  # --network-alias
+    dns: list[str] = field(default_factory=list)  # --dns: upstreams of its 127.0.0.11
     service: dict[str, Any] | None = None  # a task's service, as the manager assigned it
     pid: int = 0
     created: float = field(default_factory=time.time)

@@ -158,7 +158,7 @@ class Discovery:
                 await trio.to_thread.run_sync(write_resolv_conf, c.netns)
                 await serve_resolver(
                     c.netns, self.resolver, lambda: self.networks_of(c.name),
-                    task_status=task_status,
+                    [(ip, 53) for ip in c.dns], task_status=task_status,
                 )  # fmt: skip
             except (VxnetError, OSError) as exc:  # the namespace went away under us
                 log.warning("resolver for %s stopped: %s", c.name, exc)

@@ -40,6 +40,7 @@ from vxnet.dataplane.tables import (
     TableUpdate,
     endpoint_mac,
 )
+from vxnet.dns.server import check_upstreams
 from vxnet.errors import Conflict, NotFound, UsageError
 from vxnet.wire.ethernet import mac_from_str
 from vxnet.wire.vxlan import VNI_MAX
@@ -335,6 +336,8 @@ class Daemon:
         wanted = _field(body, "ip", str, required=False)
         publish = [parse_publish(p) for p in _strings(body, "publish")]
         aliases = [ctr.check_name("network alias", a) for a in _strings(body, "aliases")]
+        dns = _strings(body, "dns")
+        check_upstreams([(ip, 53) for ip in dns])
         swarm_net = network in self.swarm_networks or network not in self.networks
         if swarm_net and self.attacher is not None:
             # a swarm network (programmed here already or not): the manager decides
@@ -344,8 +347,9 @@ class Daemon:
             spec, ip = await self.attacher.attach(name, network, wanted)
             try:
                 container = await self.start_container(
-                    name, [(spec, ip)], image, cmd, publish=publish, aliases=aliases, attached=True
-                )
+                    name, [(spec, ip)], image, cmd, publish=publish, aliases=aliases, dns=dns,
+                    attached=True,
+                )  # fmt: skip
             except BaseException:
                 await self.attacher.detach(name)
                 raise
@@ -357,7 +361,7 @@ class Daemon:
             ip = self._pick_ip(spec, wanted)
         return (
             await self.start_container(
-                name, [(spec, ip)], image, cmd, publish=publish, aliases=aliases
+                name, [(spec, ip)], image, cmd, publish=publish, aliases=aliases, dns=dns
             )
         ).to_json()
 
@@ -372,6 +376,7 @@ class Daemon:
         service: dict[str, Any] | None = None,
         publish: list[PortSpec] | None = None,
         aliases: list[str] | None = None,
+        dns: list[str] | None = None,
         attached: bool = False,
     ) -> ctr.Container:
         """Namespace, one TAP per network handed to the dataplane, then the process; in a
@@ -392,7 +397,8 @@ class Daemon:
             container.service = service
             container.publish = list(publish or [])
             container.aliases = list(aliases or [])
-            if any(e.network in self.swarm_networks for e in endpoints):
+            container.dns = list(dns or (service or {}).get("dns", []))
+            if task_id or any(e.network in self.swarm_networks for e in endpoints):
                 try:
                     await self.mesh.attach(container)  # before the process: its default route
                 except BaseException:

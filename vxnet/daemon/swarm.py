@@ -513,6 +513,7 @@ class Swarm:
             networks=_strings(b, "networks"),
             ports=_strings(b, "ports"),
             endpoint_mode=_text(b, "endpoint_mode") or "vip",
+            dns=_strings(b, "dns"),
         )
         self.changed()
         return svc

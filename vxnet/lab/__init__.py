@@ -140,11 +140,13 @@ class Lab:
         *,
         publish: Sequence[str] = (),
         aliases: Sequence[str] = (),
+        dns: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Start a container on ``host`` and tell every other host about it.
 
         ``publish``: ``HOST:CONTAINER[/udp|/sctp]`` ports (swarm networks: through
-        docker_gwbridge); ``aliases``: extra DNS names on its network (``--network-alias``).
+        docker_gwbridge); ``aliases``: extra DNS names on its network (``--network-alias``);
+        ``dns``: up to 3 upstream servers for names that are not the swarm's (``--dns``).
         """
         with self._locked():
             existing = self.containers()
@@ -163,6 +165,7 @@ class Lab:
                 "ip": ip,
                 "publish": list(publish),
                 "aliases": list(aliases),
+                "dns": list(dns),
             }
             created: dict[str, Any] = self.client(host).post("/containers", body)
             self.sync_peers()

@@ -8,6 +8,7 @@ plus one VIP per service and network in ``vip`` endpoint mode.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -108,6 +109,7 @@ def create_service(
     networks: list[str] | None = None,
     ports: list[str] | None = None,
     endpoint_mode: str = "vip",
+    dns: list[str] | None = None,
 ) -> dict[str, Any]:
     check_name("service", name)
     if len(name) > 24:
@@ -122,6 +124,14 @@ def create_service(
         raise UsageError("replicas can only be used with replicated mode")
     if endpoint_mode not in ("vip", "dnsrr"):
         raise UsageError("--endpoint-mode must be vip or dnsrr")
+    dns = list(dns or [])
+    if len(dns) > 3:
+        raise UsageError("--dns: at most 3 upstream servers (as Docker)")
+    for server in dns:
+        try:
+            ipaddress.IPv4Address(server)
+        except ValueError:
+            raise UsageError(f"--dns {server!r}: an IPv4 address is needed") from None
     count = 1 if replicas is None else replicas
     if not 0 <= count <= MAX_REPLICAS:
         raise UsageError(f"--replicas must be 0-{MAX_REPLICAS}")
@@ -150,6 +160,7 @@ def create_service(
         "network_ids": [n["id"] for n in nets],
         "ports": parsed,
         "endpoint_mode": endpoint_mode,
+        "dns": dns,
         "vips": {},
         "created": now,
         "updated": now,
@@ -367,6 +378,7 @@ def _task_view(cluster: Cluster, task: dict[str, Any]) -> dict[str, Any]:
         vips=dict(svc.get("vips", {})),
         ports=[p for p in svc.get("ports", []) if p["mode"] == "ingress"],
         host_ports=[p for p in svc.get("ports", []) if p["mode"] == "host"],
+        dns=list(svc.get("dns", [])),
     )
     return view
 
