@@ -63,7 +63,14 @@ def test_a_container_on_h3_is_reachable_with_no_static_filling(glab: Lab) -> Non
     table = json.loads(
         cli(glab, "-H", "h1", "gossip", "tables", "--network", "front", "--format", "json")
     )
-    assert {r["endpoint_mac"] for r in table} == {glab.find(c)["mac"] for c in ("c1", "c2", "web")}
+    peers = [r for r in table if r["table"] == "overlay_peer_table"]
+    containers = {r["endpoint_mac"] for r in peers if "/lb-" not in r["key"]}
+    assert containers == {glab.find(c)["mac"] for c in ("c1", "c2", "web")}
+    # and each node's load-balancer address on front, published like an endpoint (lb-<net>)
+    assert {r["owner"] for r in peers if "/lb-front/" in r["key"]}
+    # endpoint_table: Docker's service discovery records, one per container endpoint
+    names = {r["name"] for r in table if r["table"] == "endpoint_table"}
+    assert names == {"c1", "c2", "web"}
     assert "overlay_peer_table" in cli(glab, "-H", "h1", "gossip", "tables")
 
 

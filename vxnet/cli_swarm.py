@@ -602,9 +602,9 @@ def gossip_networks(ctx: Ctx, fmt: str) -> None:
 @FORMAT
 @pass_ctx
 def gossip_tables(ctx: Ctx, network: str | None, fmt: str) -> None:
-    """networkdb's entries on the addressed node (overlay_peer_table decoded)."""
+    """networkdb's entries on the addressed node (overlay_peer_table, endpoint_table decoded)."""
     rows_ = ctx.client().get("/gossip/tables" + (f"?network={network}" if network else ""))
-    rows = [["NETWORK", "TABLE", "OWNER", "LTIME", "ENDPOINT", "MAC", "VTEP", "STATE"]]
+    rows = [["NETWORK", "TABLE", "OWNER", "LTIME", "ENDPOINT", "MAC/NAME", "VTEP/VIP", "STATE"]]
     for r in rows_:
         state = "deleted" if r["deleting"] else "hidden (owner failed)" if r["hidden"] else "live"
         rows.append(
@@ -614,8 +614,8 @@ def gossip_tables(ctx: Ctx, network: str | None, fmt: str) -> None:
                 r["owner"],
                 str(r["ltime"]),
                 r.get("endpoint_ip", ""),
-                r.get("endpoint_mac", ""),
-                r.get("tunnel_endpoint_ip", ""),
+                r.get("endpoint_mac", r.get("name", "")),
+                r.get("tunnel_endpoint_ip", r.get("virtual_ip", "")),
                 state,
             ]
         )

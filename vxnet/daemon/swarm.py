@@ -23,6 +23,7 @@ import trio
 
 from vxnet.daemon.agent import Agent, NodeFiles
 from vxnet.daemon.discovery import Discovery
+from vxnet.dns.records import decode_endpoint_record_untrusted
 from vxnet.daemon.http import Request
 from vxnet.daemon.peers import Peers
 from vxnet.errors import BadPacket, Conflict, UsageError, VxnetError
@@ -435,6 +436,18 @@ class Swarm:
                 "deleting": entry.deleting,
                 "hidden": entry.hidden,
             }
+            if table == "endpoint_table" and not entry.deleting:
+                try:
+                    ep = decode_endpoint_record_untrusted(entry.value)
+                    row.update(
+                        name=ep.name,
+                        service_name=ep.service_name,
+                        endpoint_ip=ep.endpoint_ip,
+                        virtual_ip=ep.virtual_ip,
+                        service_disabled=ep.service_disabled,
+                    )
+                except BadPacket as exc:
+                    row["value_error"] = exc.reason
             if table == "overlay_peer_table":
                 try:
                     rec = decode_peer_record_untrusted(entry.value)

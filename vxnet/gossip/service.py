@@ -46,6 +46,9 @@ STREAM_LIMIT = 8 << 20
 TableWatcher = Callable[[TableEvent], Awaitable[None]]
 
 
+RECONNECT_INTERVAL = 1.0  # networkdb retries one failed node this often (Docker: 1 s)
+FAILED_NODE_REAP = 24 * 3600.0  # and forgets it after a day (nodeReapInterval)
+
 class GossipService:
     """One node's memberlist + networkdb, serving UDP and TCP on ``addr``:``port``."""
 
@@ -77,6 +80,8 @@ class GossipService:
         self._udp: trio.socket.SocketType | None = None
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
+        # failed (dead, not left) members -> (address, since): networkdb's failedNodes
+        self.failed: dict[str, tuple[tuple[str, int], float]] = {}
 
     # ---------------------------------------------------------------- life cycle
 
@@ -93,6 +98,7 @@ class GossipService:
             nursery.start_soon(self._udp_reader, udp)
             nursery.start_soon(trio.serve_listeners, self._tcp_handler, listeners)
             nursery.start_soon(self._timers)
+            nursery.start_soon(self._reconnect)
             if seeds:
                 self.ml.join(list(seeds), trio.current_time())
                 await self._flush()
@@ -173,6 +179,30 @@ class GossipService:
             self.db.handle_timer(now)
             await self._flush()
 
+    async def _reconnect(self) -> None:
+        """networkdb's ``reconnectNode``: every second, try to join one failed member again.
+
+        memberlist alone never heals a partition: once each side has declared the other dead
+        and the dead declarations stopped being gossiped, nobody talks across any more (push/pull
+        only picks alive members).  Docker's networkdb retries a random failed node every
+        second; the push/pull of that join carries each side's "you are dead" to the other,
+        both refute, and the cluster is whole again.
+        """
+        while True:
+            await trio.sleep(RECONNECT_INTERVAL)
+            now = trio.current_time()
+            taken = {(m.addr, m.port) for m in self.ml.members()}  # alive or suspect
+            for name, (addr, since) in list(self.failed.items()):
+                # gone for a day (Docker's nodeReapInterval), or its address now belongs to a
+                # live member (the node restarted under a new name): stop trying
+                if now - since > FAILED_NODE_REAP or addr in taken:
+                    del self.failed[name]
+            if self.failed:
+                addr, _ = self.failed[self.rng.choice(sorted(self.failed))]
+                self.counters["reconnects"] += 1
+                self.ml.join([addr], now)
+                await self._flush()
+
     async def _flush(self) -> None:
         """Send what the cores produced and deliver their events."""
         assert self._udp is not None
@@ -208,6 +238,10 @@ class GossipService:
         log.info("member %s %s (%s:%d, %s)", m.name, event.kind, m.addr, m.port, m.state.name)
         if m.name == self.name:
             return
+        if m.state == NodeState.DEAD:
+            self.failed[m.name] = ((m.addr, m.port), now)
+        else:
+            self.failed.pop(m.name, None)
         if event.kind == "join" or (event.kind == "update" and m.state == NodeState.ALIVE):
             self.db.node_alive(m.name)
         elif event.kind == "leave":

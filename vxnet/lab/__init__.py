@@ -29,7 +29,8 @@ from typing import Any
 from vxnet import netns
 from vxnet.client import DaemonClient
 from vxnet.errors import Conflict, LabError, NotFound, UsageError
-from vxnet.lab import builder
+from vxnet.lab import builder, fault
+from vxnet.lab.impair import Impairment
 from vxnet.lab.topology import LabSpec, default_spec, load_spec
 
 __all__ = ["Lab", "LabSpec"]
@@ -330,6 +331,38 @@ class Lab:
         self.state = builder.load_state(self.name)
         self.sync_peers()
         return result
+
+    # ------------------------------------------------------------------- fault injection
+
+    def fault(
+        self,
+        host: str | None = None,
+        link: tuple[str, str] | None = None,
+        *,
+        loss: float = 0.0,
+        delay: float = 0.0,
+        jitter: float = 0.0,
+        duplicate: float = 0.0,
+        reorder: float = 0.0,
+        seed: int | None = None,
+    ) -> dict[str, Any]:
+        """Impair a host's fabric cables, or the link between two hosts (as ``lab fault``).
+
+        ``loss``, ``duplicate`` and ``reorder`` are shares (0.1 = 10 %); ``delay`` and ``jitter``
+        are seconds.  Returns what is in force, with the relays' counters.
+        """
+        imp = Impairment(loss, delay, jitter, duplicate, reorder)
+        return fault.add_impairment(self.name, imp, host=host, link=link, seed=seed)
+
+    def partition(self, groups: str) -> dict[str, Any]:
+        """``"h1,h2/h3"``: the fabric drops everything between the two groups."""
+        return fault.add_partition(self.name, groups)
+
+    def clear_faults(self) -> dict[str, Any]:
+        return fault.clear(self.name)
+
+    def faults(self) -> dict[str, Any]:
+        return fault.show(self.name)
 
     # ----------------------------------------------------- extra namespaces on the fabric
 
