@@ -615,6 +615,7 @@ def bench(
 
 # swarm, node, network and service commands register themselves on `cli`
 from vxnet import cli_swarm  # noqa: E402, F401
+from vxnet import cli_trace  # noqa: E402, F401
 
 
 def main() -> None:
