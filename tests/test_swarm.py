@@ -451,7 +451,7 @@ def test_manager_kill_9_loses_nothing_and_workers_come_back(sw4: Lab) -> None:
     after = snapshot(sw4)
     assert after["networks"] == before["networks"] and after["services"] == before["services"]
     assert after["nodes"] == before["nodes"] and after["keys"] == before["keys"]
-    # tasks on the restarted manager's node ran in its lost TAPs: replaced, never duplicated
+    # tasks on the restarted manager's node are re-adopted (persistent TAPs): never duplicated
     assert {n: len(t) for n, t in after["tasks"].items()} == {
         n: len(t) for n, t in before["tasks"].items()
     }

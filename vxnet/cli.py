@@ -271,10 +271,10 @@ def lab_restart(ctx: Ctx, name: str | None, host: str) -> None:
     lab_obj = Lab.attach(check_lab_name(name) if name else ctx.lab_name())
     result = lab_obj.restart(host)
     click.echo(f"{host}: daemon restarted (pid {result['pid']})")
+    if result["adopted"]:
+        click.echo(f"  re-adopted (persistent TAPs): {', '.join(result['adopted'])}")
     if result["lost_containers"]:
-        click.echo(
-            f"  containers lost with the old daemon's TAPs: {', '.join(result['lost_containers'])}"
-        )
+        click.echo(f"  lost: {', '.join(result['lost_containers'])}")
 
 
 @lab.command("demo")

@@ -8,11 +8,13 @@ cleanup paths (``lab down`` after a crash, test finalizers) must be safe to run 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from pyroute2 import IPRoute, netns
 
@@ -128,6 +130,47 @@ def run_in(ns: str, action: Callable[[], object], what: str) -> None:
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise LabError(f"could not {what} in namespace {ns}")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise LabError(f"setns: {os.strerror(ctypes.get_errno())}")
+
+
+def call_in(ns: str, make: Callable[[], T]) -> T:
+    """Call ``make()`` with the calling *thread* in namespace ``ns``, then move it back.
+
+    For what must be made inside a namespace and used from outside it (a socket, a TAP fd: they
+    stay bound to the namespace they were made in).  Blocking: trio code calls it through
+    ``trio.to_thread.run_sync``; only the calling thread moves.
+    """
+    _check_ns_name(ns)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            target = os.open(NETNS_DIR / ns, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise LabError(f"no network namespace {ns!r}") from None
+        try:
+            _setns(target)
+            try:
+                return make()
+            finally:
+                _setns(own)  # the thread goes back to its pool: never leave it elsewhere
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
+
+
+def _check_ns_name(ns: str) -> None:
+    if not ns or "/" in ns or ns in (".", ".."):
+        raise LabError(f"{ns!r} is not a network namespace name")
 
 
 def sysctl(ns: str, key: str, value: str) -> None:

@@ -364,6 +364,8 @@ class Agent:
         for net in nets.values():
             await d.ensure_network(spec_from_summary(net), net["id"])
         self.networks = nets
+        # a container a previous run left on a network this node no longer has: lost
+        await d.adoption.drop_unassigned({n["name"] for n in nets.values()})
         await self._apply_load_balancers(nets, msg.get("lb_addresses"))
         tasks = {t["container"]: t for t in field_untrusted(msg, "tasks", list)}
         for c in list(d.containers.values()):

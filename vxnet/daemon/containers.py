@@ -5,7 +5,9 @@ Blocking (netlink, fork/exec): the daemon calls these through ``trio.to_thread.r
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -21,6 +23,9 @@ from vxnet import netns
 from vxnet.dataplane.tables import NetworkSpec, endpoint_mac
 from vxnet.dataplane.tap import open_tap
 from vxnet.errors import LabError, UsageError
+from vxnet.files import write_private
+
+TUNSETPERSIST = 0x400454CB
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,39}$")
 IMAGES = ("whoami", "echo", "iperf3", "idle")
@@ -74,6 +79,7 @@ class Container:
     reported: bool = False  # its exit has been reported to the manager
     sandbox: bool = False  # a namespace with no process of its own (the ingress sandbox)
     gateway_ip: str = ""  # its address on docker_gwbridge, in a swarm
+    gateway_veth: str = ""  # the host side of that interface
     publish: list[tuple[str, int, int]] = field(default_factory=list)  # (proto, host, target)
     aliases: list[str] = field(default_factory=list)  # --network-alias
     dns: list[str] = field(default_factory=list)  # --dns: upstreams of its 127.0.0.11
@@ -92,6 +98,8 @@ class Container:
             code = self.proc.poll()
             if code is not None:
                 self.exit_code = code
+        elif self.proc is None and self.pid and self.exit_code is None and not _alive(self.pid):
+            self.exit_code = ADOPTED_EXIT  # re-adopted after a restart: its status is unknown
 
     @property
     def network(self) -> str:
@@ -107,6 +115,64 @@ class Container:
         mac = self.endpoints[0].mac if self.endpoints else ""
         out.update(network=self.network, ip=self.ip, mac=mac, status=self.status)
         return out
+
+
+#: the exit code shown for a re-adopted container whose process ended (its parent, the daemon
+#: that started it, died: nobody can read the real code)
+ADOPTED_EXIT = -1
+STATE_FILE = "containers.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def save_containers(path: Path, containers: list[Container]) -> None:
+    """What a restarted daemon needs to re-adopt its containers (TAPs persist: TUNSETPERSIST)."""
+    write_private(path, json.dumps([c.to_json() for c in containers], indent=1))
+
+
+def load_containers(path: Path) -> list[Container]:
+    """The containers a previous run of this daemon left, whose namespaces still exist."""
+    try:
+        rows = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise LabError(f"unreadable container state {path}: {exc}") from None
+    names = {f.name for f in fields(Container)} - {"proc", "endpoints"}
+    out = []
+    for row in rows:
+        c = Container(
+            endpoints=[Endpoint(**e) for e in row["endpoints"]],
+            **{k: v for k, v in row.items() if k in names},
+        )
+        c.publish = [(str(p[0]), int(p[1]), int(p[2])) for p in c.publish]
+        if netns.exists(c.netns):
+            out.append(c)
+    return out
+
+
+def reopen_taps(container: Container) -> list[int]:
+    """The TAP fds of a container whose daemon died: its persistent TAPs, opened by name
+    inside its namespace (where they live as eth0, eth1, ...)."""
+
+    def reopen() -> list[int]:
+        fds: list[int] = []
+        try:
+            for e in container.endpoints:
+                fds.append(open_tap(e.ifname))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    return netns.call_in(container.netns, reopen)
 
 
 def create_container(
@@ -139,6 +205,8 @@ def _add_tap(ns: str, endpoint: Endpoint, spec: NetworkSpec) -> int:
     tap = "vxt" + secrets.token_hex(4)
     fd = open_tap(tap)
     try:
+        # persistent: it outlives this daemon, so a restarted one re-adopts the container
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
         netns.set_link(None, tap, net_ns_fd=ns)
         netns.set_link(ns, tap, ifname=endpoint.ifname)
         netns.set_link(ns, endpoint.ifname, address=endpoint.mac, mtu=spec.mtu)

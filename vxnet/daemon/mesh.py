@@ -171,6 +171,17 @@ class Mesh:
             raise
         self.veths[container.name] = veth
         container.gateway_ip = str(ip)
+        container.gateway_veth = veth
+
+    def restore(self, c: ctr.Container) -> None:
+        """A re-adopted container: its gwbridge link survived the restart; remember it."""
+        if c.gateway_ip:
+            self.gw_ips[c.name] = ipaddress.IPv4Address(c.gateway_ip)
+            self.veths[c.name] = c.gateway_veth
+        if c.publish:
+            self.published[c.name] = list(c.publish)
+        if c.sandbox and c.endpoints:
+            self.sandbox = Sandbox(c.endpoints[0].network, ipaddress.IPv4Address(c.endpoints[0].ip))
 
     async def release(self, name: str) -> None:
         """A container went away (its namespace, and so its veth end, is gone or going)."""
@@ -219,6 +230,7 @@ class Mesh:
         except BaseException:
             await self.remove_sandbox()
             raise
+        d.persist()
         if d.peers is not None:
             await d.peers.endpoint_up(INGRESS_SANDBOX, endpoint, spec)
         await self.apply_rules()
@@ -237,6 +249,7 @@ class Mesh:
             await d.program(RemovePort(endpoint.port_id(INGRESS_SANDBOX)))
         await self.release(INGRESS_SANDBOX)
         await trio.to_thread.run_sync(netns.remove, sandbox.netns)
+        d.persist()
 
     async def set_ingress(self, ports: dict[tuple[str, int], ipaddress.IPv4Address]) -> None:
         """Every service's ingress ports in the swarm, (protocol, published) -> ingress VIP."""

@@ -21,6 +21,7 @@ import trio
 
 from vxnet import __version__, netns
 from vxnet.daemon import containers as ctr
+from vxnet.daemon.adopt import Adoption
 from vxnet.daemon.http import Request, Router, serve_http
 from vxnet.daemon.localnets import LocalNetworks
 from vxnet.daemon.mesh import Mesh, PortSpec, parse_publish
@@ -121,7 +122,7 @@ class Daemon:
         self.dataplane = dataplane
         self.networks: dict[str, NetworkSpec] = {}
         self.containers: dict[str, ctr.Container] = {}
-        self._lock = trio.Lock()  # serialises changes to networks and containers
+        self.lock = trio.Lock()  # serialises changes to networks and containers
         self.attacher: Attacher | None = None  # set when the node is in a swarm
         self.swarm_networks: set[str] = set()  # networks programmed from the manager
         self.network_ids: dict[str, str] = {}  # swarm network name -> id (networkdb's key)
@@ -131,10 +132,18 @@ class Daemon:
         self.ingress_networks: set[str] = set()  # swarm networks made with --ingress
         self.lb_addresses: dict[str, ipaddress.IPv4Address] = {}  # the manager's, per network
         self.mesh = Mesh(self)
+        self.adoption = Adoption(self)  # what a previous run of this daemon left running
         self.router = Router()
         self._routes()
         self.localnets = LocalNetworks(config.state_dir / "local-networks.json")
         self.swarm = Swarm(self)
+
+    def persist(self) -> None:
+        """Write what a restarted daemon needs to re-adopt the containers (after every change)."""
+        ctr.save_containers(
+            self.config.state_dir / ctr.STATE_FILE,
+            [*self.containers.values(), *self.adoption.waiting.values()],
+        )
 
     def swarm_ingress(self, network: str) -> bool:
         return network in self.ingress_networks
@@ -149,7 +158,7 @@ class Daemon:
         if network_id is not None:
             self.network_ids[spec.name] = network_id
             self.network_names[network_id] = spec.name
-        async with self._lock:
+        async with self.lock:
             current = self.networks.get(spec.name)
             if current == spec:
                 return
@@ -158,10 +167,11 @@ class Daemon:
             await self.program(AddNetwork(spec))
             self.networks[spec.name] = spec
             self.swarm_networks.add(spec.name)
+        await self.adoption.try_adopt()
 
     async def prune_networks(self, keep: set[str]) -> None:
         """Remove swarm networks not in ``keep`` that no local container uses any more."""
-        async with self._lock:
+        async with self.lock:
             in_use = {e.network for c in self.containers.values() for e in c.endpoints}
             for name in sorted(self.swarm_networks - keep - in_use):
                 spec = self.networks.pop(name, None)
@@ -202,6 +212,7 @@ class Daemon:
         r.route("DELETE", "/fdb/{network}/{mac}")(self.remove_fdb)
         r.route("GET", "/dataplane/stats")(self.stats)
         r.route("GET", "/mesh")(self.mesh_info)
+        r.route("GET", "/adoption")(self.adoption_info)
         r.route("GET", "/endpoints")(self.endpoints)
         r.route("GET", "/discovery")(self.discovery_info)
         r.route("GET", "/dataplane/lb")(self.lb_info)
@@ -227,6 +238,9 @@ class Daemon:
                 if not self.swarm_ingress(net)
             ]  # fmt: skip
         return out
+
+    async def adoption_info(self, req: Request) -> Any:
+        return self.adoption.to_json()
 
     async def mesh_info(self, req: Request) -> Any:
         return self.mesh.to_json()
@@ -283,7 +297,7 @@ class Daemon:
 
     async def create_network(self, req: Request) -> Any:
         spec = parse_network(req.body)
-        async with self._lock:
+        async with self.lock:
             if spec.name in self.networks:
                 raise Conflict(f"network with name {spec.name} already exists")
             for other in self.networks.values():
@@ -296,10 +310,11 @@ class Daemon:
             await self.program(AddNetwork(spec))
             self.networks[spec.name] = spec
         log.info("network %s vni %d subnet %s mtu %d", spec.name, spec.vni, spec.subnet, spec.mtu)
+        await self.adoption.try_adopt()
         return _network_json(spec)
 
     async def remove_network(self, req: Request) -> Any:
-        async with self._lock:
+        async with self.lock:
             spec = self._network(req.params["name"])
             users = [
                 c.name
@@ -357,7 +372,7 @@ class Daemon:
         spec = self._network(network)
         if publish and spec.name not in self.swarm_networks:
             raise UsageError("-p publishes through docker_gwbridge: use a swarm network")
-        async with self._lock:
+        async with self.lock:
             ip = self._pick_ip(spec, wanted)
         return (
             await self.start_container(
@@ -382,7 +397,7 @@ class Daemon:
         """Namespace, one TAP per network handed to the dataplane, then the process; in a
         swarm, the docker_gwbridge interface, published ports, records and resolver too."""
         argv = ctr.image_argv(image, cmd)
-        async with self._lock:
+        async with self.lock:
             if name in self.containers:
                 raise Conflict(f'the container name "{name}" is already in use')
             ns, made = await trio.to_thread.run_sync(
@@ -414,6 +429,7 @@ class Daemon:
                 raise
             container.pid = container.proc.pid
             self.containers[name] = container
+            self.persist()
         if self.peers is not None:
             for spec, endpoint in zip((s for s, _ in attach), endpoints, strict=True):
                 await self.peers.endpoint_up(name, endpoint, spec)
@@ -446,7 +462,7 @@ class Daemon:
         c = self._container(name)
         if self.discovery is not None and c.exit_code is None:
             await self.discovery.drain(c)
-        async with self._lock:
+        async with self.lock:
             c = self._container(name)
             del self.containers[c.name]  # first, so the peers see the endpoint gone
             if self.discovery is not None:
@@ -457,6 +473,7 @@ class Daemon:
                 await self.program(RemovePort(endpoint.port_id(c.name)))
             await trio.to_thread.run_sync(ctr.destroy_container, c)
             await self.mesh.release(c.name)
+            self.persist()
         if c.attached and self.attacher is not None:
             await self.attacher.detach(c.name)
 
@@ -607,6 +624,7 @@ async def _serve(daemon: Daemon, config: DaemonConfig) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_http, daemon.router, listener)
         nursery.start_soon(daemon.reap)
+        await daemon.adoption.try_adopt()  # containers on no network need nothing programmed
         await daemon.swarm.resume(nursery)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:

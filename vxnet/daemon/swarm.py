@@ -23,9 +23,9 @@ import trio
 
 from vxnet.daemon.agent import Agent, NodeFiles
 from vxnet.daemon.discovery import Discovery
-from vxnet.dns.records import decode_endpoint_record_untrusted
 from vxnet.daemon.http import Request
 from vxnet.daemon.peers import Peers
+from vxnet.dns.records import decode_endpoint_record_untrusted
 from vxnet.errors import BadPacket, Conflict, UsageError, VxnetError
 from vxnet.esp.sa import DEFAULT_ICV_LEN
 from vxnet.gossip.networkdb import TableEvent, decode_peer_record_untrusted

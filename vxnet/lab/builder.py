@@ -32,6 +32,7 @@ from vxnet.lab.topology import HostSpec, LabSpec, check_lab_name
 
 RUN_ROOT = Path(os.environ.get("VXNET_RUN_DIR", "/run/vxnet"))
 FABRIC_BRIDGE = "fabric0"
+ADOPT_TIMEOUT = 20.0  # seconds a restarted daemon gets to take its containers back
 DATA_BRIDGE = "data0"  # the second underlay, when the lab separates data from control
 DAEMON_START_TIMEOUT = 15.0
 
@@ -342,24 +343,34 @@ def down(lab: str) -> list[str]:
 def restart(lab: str, host: str) -> dict[str, Any]:
     """Start ``host``'s daemon again (after a crash, or to test one).
 
-    A daemon owns its containers' TAP file descriptors: when it dies, the kernel deletes the
-    TAPs, so the containers it ran are gone too.  Their namespaces are removed here and the
-    caller is told which; re-adopting them is the reliability issue's work (persistent TAPs).
+    The containers stay: their TAPs are persistent, so the new daemon re-adopts them (see
+    :mod:`vxnet.daemon.adopt`) as soon as their networks are programmed again -- by the manager
+    in a swarm, by the lab here in a manual lab.  Returns which were adopted and which were lost.
     """
     state = load_state(lab)
     h = state["hosts"].get(host)
     if h is None:
         raise NotFound(f"lab {lab} has no host {host!r}")
     stop_daemon(int(h.get("pid", 0)))
-    lost = netns.list_with_prefix(container_prefix(lab, host))
-    for ns in lost:
-        netns.remove(ns)
     h["pid"] = spawn_daemon(lab, state, host)
     save_state(lab, state)
     wait_daemon(lab, state, host)
     if "swarm" not in state:  # a swarm node rejoins (and a manager resumes) by itself
         program_networks(lab, state, host)
-    return {"host": host, "pid": h["pid"], "lost_containers": [n.split(".", 1)[1] for n in lost]}
+    daemon = client(state, host)
+    deadline = time.monotonic() + ADOPT_TIMEOUT
+    adoption = daemon.get("/adoption")
+    while adoption["waiting"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        adoption = daemon.get("/adoption")
+    owned = {c["netns"] for c in daemon.get("/containers")} | {
+        container_prefix(lab, host) + "ingress-sbox"
+    }
+    stray = [ns for ns in netns.list_with_prefix(container_prefix(lab, host)) if ns not in owned]
+    for ns in stray:  # nobody will adopt these (their state was lost): do not leak them
+        netns.remove(ns)
+    lost = sorted(set(adoption["lost"]) | {ns.split(".", 1)[1] for ns in stray})
+    return {"host": host, "pid": h["pid"], "adopted": adoption["adopted"], "lost_containers": lost}
 
 
 def inspect(lab: str) -> dict[str, Any]:
