@@ -275,10 +275,13 @@ class NetworkDB:
         return _encode({"t": "batch", "m": [p.message for p in used]}), used
 
     def _bulk_sync(self, network: str, response: bool, to: str) -> None:
+        # every entry of the network, whoever owns it (Docker's bulkSyncNode walks the whole
+        # network index): a node that joined while some owners were still unknown to it gets
+        # their entries from the first peer it syncs with, not 30 s later
         entries = [
             self._table_event("delete" if e.deleting else "create", *k, e)
             for k, e in self.entries.items()
-            if k[0] == network and e.owner == self.name
+            if k[0] == network
         ]
         nodes = [
             {"n": n, "l": lt, "x": leaving}
