@@ -56,11 +56,13 @@ VXLAN_HDR = bytes.fromhex("0800000000100100")  # I flag, VNI 4097
 class Wire:
     def __init__(self) -> None:
         self.tap: list[tuple[int, bytes]] = []
+        self.vnet: list[bytes] = []  # the virtio_net_hdr written with each TAP frame
         self.udp: list[tuple[bytes, tuple[str, int]]] = []
         self.esp: list[tuple[bytes, str]] = []
 
-    def write(self, fd: int, data: Any) -> int:
+    def write(self, fd: int, vh: Any, data: Any) -> int:
         self.tap.append((fd, bytes(data)))
+        self.vnet.append(bytes(vh))
         return len(data)
 
     def send(self, parts: Any, addr: tuple[str, int]) -> int:

@@ -39,10 +39,12 @@ VTEP = ipaddress.IPv4Address("192.168.100.12")
 class Wire:
     def __init__(self) -> None:
         self.tap: list[tuple[int, bytes]] = []
+        self.vnet: list[bytes] = []  # the virtio_net_hdr written with each TAP frame
         self.udp: list[tuple[bytes, tuple[str, int]]] = []
 
-    def write(self, fd: int, data: Any) -> int:
+    def write(self, fd: int, vh: Any, data: Any) -> int:
         self.tap.append((fd, bytes(data)))
+        self.vnet.append(bytes(vh))
         return len(data)
 
     def send(self, parts: Any, addr: tuple[str, int]) -> int:

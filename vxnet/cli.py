@@ -298,6 +298,20 @@ def lab_demo(keep: bool, step: bool) -> None:
 @click.option("--data-port", type=click.IntRange(1, 65535), default=4789)
 @click.option("--netns", "ns", help="Network namespace to run in.")
 @click.option("--container-prefix", default="vxc-")
+@click.option(
+    "--no-offload",
+    is_flag=True,
+    envvar="VXNET_NO_OFFLOAD",
+    help="One datagram per inner packet, no TAP offloads (for comparison and captures).",
+)
+@click.option(
+    "--gso",
+    type=click.Choice(["auto", "segment"]),
+    default="auto",
+    envvar="VXNET_GSO",
+    help="auto: UDP-tunnel GSO through an underlay TAP if the kernel has it; segment: cut "
+    "super-frames in Python (the fallback, forced).",
+)
 def daemon(
     host_name: str,
     socket_path: str,
@@ -306,6 +320,8 @@ def daemon(
     data_port: int,
     ns: str | None,
     container_prefix: str,
+    no_offload: bool,
+    gso: str,
 ) -> None:
     """Run a host's daemon (the lab starts these)."""
     from vxnet.daemon.service import DaemonConfig, run_daemon
@@ -319,6 +335,8 @@ def daemon(
             data_port,
             ns,
             container_prefix,
+            offload=not no_offload,
+            gso="segment" if gso == "segment" else "auto",
         )
     )
 

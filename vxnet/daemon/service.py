@@ -15,7 +15,7 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import trio
 
@@ -27,7 +27,7 @@ from vxnet.daemon.localnets import LocalNetworks
 from vxnet.daemon.mesh import Mesh, PortSpec, parse_publish
 from vxnet.daemon.peers import Peers
 from vxnet.daemon.swarm import Swarm
-from vxnet.dataplane.engine import Dataplane
+from vxnet.dataplane.engine import PATHS, Dataplane
 from vxnet.dataplane.tables import (
     DEFAULT_MTU,
     AddNetwork,
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vxnet.daemon")
 MIN_MTU = 68
-DATAPLANE_PATH = "per-frame forwarder: one read and one sendmsg per frame, no offloads"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +62,8 @@ class DaemonConfig:
     data_port: int = 4789
     netns: str | None = None  # the host namespace the daemon lives in
     ns_prefix: str = "vxc-"  # container namespaces are named prefix + container name
+    offload: bool = True  # TAP offloads (--no-offload: one datagram per inner packet)
+    gso: Literal["auto", "segment"] = "auto"  # segment: the Python fallback, forced
 
 
 def _strings(body: Any, key: str) -> list[str]:
@@ -283,7 +284,8 @@ class Daemon:
             "pid": os.getpid(),
             "netns": c.netns,
             "underlay_addr": c.underlay_addr,
-            "dataplane": DATAPLANE_PATH,
+            "dataplane": PATHS[self.dataplane.path],
+            "dataplane_path": self.dataplane.path,
             "data_port": c.data_port,
             "networks": len(self.networks),
             "containers": len(self.containers),
@@ -639,7 +641,7 @@ def run_daemon(config: DaemonConfig) -> None:
     if config.netns:
         netns.enter(config.netns)  # before any thread exists: every later thread inherits it
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    dataplane = Dataplane(config.underlay_addr, config.data_port)
+    dataplane = Dataplane(config.underlay_addr, config.data_port, config.offload, config.gso)
     dataplane.start()
     daemon = Daemon(config, dataplane)
     try:

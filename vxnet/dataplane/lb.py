@@ -208,8 +208,13 @@ class LoadBalancer:
 
     # ---------------------------------------------------------------------------- hot path
 
-    def forward(self, vip: Vip, frame: bytes, neigh: dict[bytes, bytes]) -> bytes | None:
-        """A client's frame to ``vip``'s MAC: the frame for the backend, or None (counted)."""
+    def forward(
+        self, vip: Vip, frame: bytes, neigh: dict[bytes, bytes], partial: bool = False
+    ) -> bytes | None:
+        """A client's frame to ``vip``'s MAC: the frame for the backend, or None (counted).
+
+        ``partial``: the L4 checksum is unfinished (``NEEDS_CSUM``), it holds only the
+        pseudo-header sum; a TCP super-frame may be one too, it is rewritten all the same."""
         l4 = l4_offset(frame)
         if l4 < 0:
             self._drop(REASONS[-l4])
@@ -240,11 +245,12 @@ class LoadBalancer:
         conn.expires = expires
         if expires < conn.queued:
             self._queue(conn, expires)
+        l4d = conn.f_ipd if partial else conn.f_l4d
         return bytes(
-            rewrite(frame, l4, conn.f_eth, conn.f_ips, conn.f_ports, conn.f_ipd, conn.f_l4d)
+            rewrite(frame, l4, conn.f_eth, conn.f_ips, conn.f_ports, conn.f_ipd, l4d, partial)
         )
 
-    def reverse(self, frame: bytes) -> tuple[bytes, bytearray] | None:
+    def reverse(self, frame: bytes, partial: bool = False) -> tuple[bytes, bytearray] | None:
         """A frame to our LB MAC: ``(client MAC, frame for the client)``, or None: no entry."""
         l4 = l4_offset(frame)
         if l4 < 0:
@@ -263,7 +269,8 @@ class LoadBalancer:
         conn.expires = expires
         if expires < conn.queued:
             self._queue(conn, expires)
-        out = rewrite(frame, l4, conn.r_eth, conn.r_ips, conn.r_ports, conn.r_ipd, conn.r_l4d)
+        l4d = conn.r_ipd if partial else conn.r_l4d
+        out = rewrite(frame, l4, conn.r_eth, conn.r_ips, conn.r_ports, conn.r_ipd, l4d, partial)
         return conn.client_mac, out
 
     def _open(

@@ -112,9 +112,21 @@ def delta(old: bytes, new: bytes) -> int:
 
 
 def rewrite(
-    frame: bytes, l4: int, eth: bytes, ips: bytes, ports: bytes, ip_delta: int, l4_delta: int
+    frame: bytes,
+    l4: int,
+    eth: bytes,
+    ips: bytes,
+    ports: bytes,
+    ip_delta: int,
+    l4_delta: int,
+    partial: bool = False,
 ) -> bytearray:
-    """The frame with new MACs, addresses and ports, both checksums updated incrementally."""
+    """The frame with new MACs, addresses and ports, both checksums updated incrementally.
+
+    ``partial``: the L4 field holds an unfinished checksum, the pseudo-header sum itself (not
+    complemented) that the kernel completes later from the header on: it takes the address
+    change alone, added (``l4_delta`` is then the IP delta; the ports are summed later).
+    """
     b = bytearray(frame)
     b[0:12] = eth
     b[26:34] = ips
@@ -124,12 +136,16 @@ def rewrite(
     c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
     b[24] = c >> 8
     b[25] = c & 0xFF
-    if b[23] == TCP:
-        at = l4 + 16
-    else:
-        at = l4 + 6
-        if not (b[at] or b[at + 1]):
-            return b  # a UDP checksum of 0 means "none" and stays so
+    at = l4 + 16 if b[23] == TCP else l4 + 6
+    if partial:
+        c = ((b[at] << 8) | b[at + 1]) + l4_delta
+        c = (c & 0xFFFF) + (c >> 16)
+        c = (c & 0xFFFF) + (c >> 16)
+        b[at] = c >> 8
+        b[at + 1] = c & 0xFF
+        return b
+    if b[23] != TCP and not (b[at] or b[at + 1]):
+        return b  # a UDP checksum of 0 means "none" and stays so
     c = (~((b[at] << 8) | b[at + 1]) & 0xFFFF) + l4_delta
     c = (c & 0xFFFF) + (c >> 16)
     c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF

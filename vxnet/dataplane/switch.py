@@ -18,10 +18,18 @@ from __future__ import annotations
 import functools
 import ipaddress
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from vxnet.dataplane.gso import finish_checksum, segment_tcp
 from vxnet.dataplane.lb import LoadBalancer, Vip, check_settings
+from vxnet.dataplane.proxy import (
+    ETYPE_ARP,
+    ETYPE_IPV6,
+    arp_reply,
+    is_neighbour_solicitation,
+    nd_advertisement,
+)
 from vxnet.dataplane.tables import (
     AddNetwork,
     AddPeer,
@@ -36,23 +44,20 @@ from vxnet.dataplane.tables import (
     SetService,
     TableUpdate,
 )
+from vxnet.dataplane.vnet import GSO_TCPV4, GSO_TCPV6, HDR, NEEDS_CSUM, PLAIN
 from vxnet.errors import BadPacket, UsageError
 from vxnet.esp.sa import SequenceExhausted
 from vxnet.esp.sadb import SADB
-from vxnet.wire.checksum import internet_checksum
 from vxnet.wire.vxlan import vxlan_header
 
 ETH_HLEN = 14
 VXLAN_HLEN = 8
-_ARP_ETH_IPV4_REQUEST = b"\x00\x01\x08\x00\x06\x04\x00\x01"
-_ARP_ETH_IPV4_REPLY = b"\x00\x01\x08\x00\x06\x04\x00\x02"
-_ETYPE_ARP = b"\x08\x06"
-_ETYPE_IPV6 = b"\x86\xdd"
-_ICMPV6_NA_FLAGS = b"\x60\x00\x00\x00"  # Solicited | Override
-_IPV6_UNSPECIFIED = bytes(16)
-
-WriteFd = Callable[[int, bytes | bytearray | memoryview], int]
+Buf = bytes | bytearray | memoryview
+#: ``(fd, virtio_net_hdr or b"", frame)``: one frame (or super-frame) to a TAP.
+WriteFd = Callable[[int, Buf, Buf], int]
 SendEsp = Callable[[bytes, str], int]
+#: ``(virtio_net_hdr, frame, (VTEP, port), VXLAN header)``: a frame with offload state.
+SendOffload = Callable[[Buf, Buf, tuple[str, int], bytes], int]
 LAZY_ESP_PEERS = 64  # sources whose SAs may be derived from a first packet, at most
 _UDP = struct.Struct("!HHHH")
 
@@ -61,12 +66,16 @@ def _no_esp_socket(packet: bytes, vtep: str) -> int:
     raise OSError("no ESP socket")
 
 
+def _never(fd: int) -> bool:
+    return False
+
+
 @functools.lru_cache(maxsize=4096)
 def _ip(text: str) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(text)
 
 
-SendUdp = Callable[[Sequence[bytes | memoryview], tuple[str, int]], int]
+SendUdp = Callable[[Sequence[Buf], tuple[str, int]], int]
 
 
 class Counters:
@@ -77,6 +86,8 @@ class Counters:
         "drops",
         "esp_rx",
         "esp_tx",
+        "gso_rx",
+        "gso_tx",
         "lb_active",
         "lb_new",
         "local_bytes",
@@ -94,6 +105,7 @@ class Counters:
         self.local_frames = self.local_bytes = 0  # switched between two local TAPs
         self.arp_replies = self.nd_replies = 0
         self.esp_rx = self.esp_tx = 0  # of the frames above, how many travelled as ESP
+        self.gso_rx = self.gso_tx = 0  # of the frames above, how many were TCP super-frames
         self.lb_new = self.lb_active = 0  # VIP connections opened, and in the table now
         self.drops: dict[str, int] = {}
 
@@ -106,14 +118,19 @@ class Counters:
 class Port:
     """A local endpoint: a TAP fd on one network."""
 
-    __slots__ = ("fd", "ip", "mac", "net", "port_id")
+    __slots__ = ("fd", "ip", "mac", "net", "offload", "plain", "port_id", "vnet")
 
-    def __init__(self, port_id: str, fd: int, mac: bytes, ip: bytes, net: Net) -> None:
+    def __init__(
+        self, port_id: str, fd: int, mac: bytes, ip: bytes, net: Net, vnet: bool = False
+    ) -> None:
         self.port_id = port_id
         self.fd = fd
         self.mac = mac
         self.ip = ip
         self.net = net
+        self.vnet = vnet  # frames on this fd carry a virtio_net_hdr
+        self.plain = PLAIN if vnet else b""  # the header of a frame with nothing to offload
+        self.offload = vnet and net.offload  # partial checksums and super-frames both ways
 
 
 class Net:
@@ -128,13 +145,16 @@ class Net:
         "local",
         "max_frame",
         "neigh",
+        "offload",
         "remote",
         "spec",
         "vni",
     )
 
-    def __init__(self, spec: NetworkSpec) -> None:
+    def __init__(self, spec: NetworkSpec, offload: bool = False) -> None:
         self.spec = spec
+        # TAP offloads for this network's ports; never with ESP (it cannot carry super-frames)
+        self.offload = offload and not spec.encrypted
         self.vni = spec.vni
         self.hdr = vxlan_header(spec.vni)
         self.encrypted = spec.encrypted
@@ -162,9 +182,18 @@ class Switch:
         send_udp: SendUdp,
         data_port: int = 4789,
         send_esp: SendEsp | None = None,
+        offload: bool = False,
+        send_offload: SendOffload | None = None,
+        is_vnet: Callable[[int], bool] | None = None,
     ) -> None:
+        """``offload``: plain networks' ports take partial checksums and TCP super-frames;
+        ``send_offload`` sends such a frame to a VTEP (default: :meth:`segment_send`)."""
         self._write = write_fd
         self._send = send_udp
+        self.offload = offload
+        self._send_offload: SendOffload = send_offload or self.segment_send
+        self._rx_hdr = bytearray(PLAIN)  # the header _rx_vnet builds, reused for every frame
+        self._is_vnet = is_vnet or _never  # does this fd carry a virtio_net_hdr?
         self._send_esp_raw: SendEsp = send_esp or _no_esp_socket
         self.sadb: SADB | None = None  # the node's ESP SAs, once the manager sent ipsec keys
         self._lazy_esp_peers: set[str] = set()  # sources whose SAs were derived on first packet
@@ -180,38 +209,53 @@ class Switch:
 
     # ----------------------------------------------------------------------------- hot path
 
-    def from_tap(self, port: Port, frame: bytes) -> None:
-        """A frame a container sent on its ``eth0``."""
+    def from_tap(self, port: Port, frame: Buf, vh: Buf = PLAIN) -> None:
+        """A frame a container sent on its ``eth0``, with its ``virtio_net_hdr`` (``vh``).
+
+        ``vh`` says whether the frame is a TCP super-frame (``gso_type``) and whether its L4
+        checksum is unfinished (``NEEDS_CSUM``); both travel on with the frame.
+        """
         net = port.net
         n = len(frame)
         if n < ETH_HLEN:
             _drop(net.counters, "runt")
             return
-        dst = frame[0:6]
+        dst = bytes(frame[0:6])
         if dst[0] & 1:  # broadcast or multicast: never flooded, answered here or dropped
-            self._from_tap_multicast(port, frame)
+            self._from_tap_multicast(port, bytes(frame))
             return
-        if n > net.max_frame:
+        gso = vh[1]
+        if n > net.max_frame and not gso:
             _drop(net.counters, "too_big")
             return
         if dst in net.lb_macs:
-            self._lb_from_tap(port, frame, dst)
+            self._lb_from_tap(port, bytes(frame), dst, vh)
             return
         local = net.local.get(dst)
         if local is not None:
-            self._deliver(local, frame)
+            self._deliver(local, frame, vh)
             return
         vtep = net.remote.get(dst)
         if vtep is None:
             _drop(net.counters, "no_route_out" if dst == net.spec.gateway_mac else "unknown_dst")
             return
         if net.encrypted:
-            self._send_esp(net, frame, vtep[0])
+            if vh[0] & NEEDS_CSUM:  # offloads are off on encrypted networks: only if misused
+                for seg in self._complete(vh, frame, net):
+                    self._send_esp(net, seg, vtep[0])
+            else:
+                self._send_esp(net, frame, vtep[0])
             return
         try:
-            self._send((net.hdr, frame), vtep)
+            if vh[0] & NEEDS_CSUM:
+                self._send_offload(vh, frame, vtep, net.hdr)
+            else:
+                self._send((net.hdr, frame), vtep)
         except BlockingIOError:
             _drop(net.counters, "underlay_busy")
+            return
+        except BadPacket as exc:
+            _drop(net.counters, exc.reason)
             return
         except OSError:
             _drop(net.counters, "underlay_error")
@@ -219,8 +263,37 @@ class Switch:
         c = net.counters
         c.tx_frames += 1
         c.tx_bytes += n
+        if gso:
+            c.gso_tx += 1
 
-    def _send_esp(self, net: Net, frame: bytes, vtep: str) -> None:
+    def _complete(self, vh: Buf, frame: Buf, net: Net) -> list[bytearray]:
+        """Complete frames from one with offload state: segmented, checksums finished."""
+        flags, gso_type, _, gso_size, start, offset = HDR.unpack_from(vh)
+        try:
+            if gso_type:
+                return list(segment_tcp(frame, gso_size))
+            out = bytearray(frame)
+            if flags & NEEDS_CSUM:
+                finish_checksum(out, start, offset)
+        except BadPacket as exc:
+            _drop(net.counters, exc.reason)
+            return []
+        return [out]
+
+    def segment_send(self, vh: Buf, frame: Buf, vtep: tuple[str, int], vxlan: bytes) -> int:
+        """The simplest offload sender: cut and finish in Python, one datagram per segment."""
+        _flags, gso_type, _, gso_size, start, offset = HDR.unpack_from(vh)
+        if gso_type:
+            segments: Iterable[bytearray] = segment_tcp(frame, gso_size)
+        else:
+            segments = [bytearray(frame)]
+            finish_checksum(segments[0], start, offset)
+        sent = 0
+        for seg in segments:
+            sent += self._send((vxlan, seg), vtep)
+        return sent
+
+    def _send_esp(self, net: Net, frame: Buf, vtep: str) -> None:
         """ESP transport mode over the VXLAN datagram: UDP header + VXLAN + frame, encrypted."""
         sadb = self.sadb
         if sadb is None:
@@ -232,6 +305,9 @@ class Switch:
             packet = sadb.tx(_ip(vtep)).encrypt(udp + net.hdr + frame)
         except SequenceExhausted:
             _drop(net.counters, "esp_seq_exhausted")
+            return
+        except UsageError:  # bigger than one ESP packet: never fragmented
+            _drop(net.counters, "too_big")
             return
         try:
             self._send_esp_raw(packet, vtep)
@@ -272,7 +348,7 @@ class Switch:
         if next_header != 17 or len(payload) < 8 or _UDP.unpack_from(payload)[1] != self.data_port:
             _drop(self.counters, "esp_not_vxlan")
             return
-        self._from_vxlan(memoryview(payload)[8:], encrypted=True)
+        self._from_vxlan(memoryview(bytearray(payload))[8:], encrypted=True)
 
     def _may_derive_for(
         self, src: str, local: ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -287,7 +363,10 @@ class Switch:
         return _ip(src) != local and len(self._lazy_esp_peers) < LAZY_ESP_PEERS
 
     def from_underlay(self, data: memoryview, src: tuple[str, int]) -> None:
-        """A UDP datagram that arrived on the data port: it must be VXLAN for a known VNI."""
+        """A UDP datagram that arrived on the data port: it must be VXLAN for a known VNI.
+
+        ``data`` is writable: with offloads, the inner L4 checksum field is rewritten in place.
+        """
         self._from_vxlan(data, encrypted=False)
 
     def _from_vxlan(self, data: memoryview, encrypted: bool) -> None:
@@ -306,7 +385,7 @@ class Switch:
         if net.encrypted and not encrypted:  # CVE-2023-28841: never accept cleartext here
             _drop(net.counters, "plaintext_on_encrypted_vni")
             return
-        if n - VXLAN_HLEN > net.max_frame:
+        if n - VXLAN_HLEN > net.max_frame and not net.offload:
             _drop(net.counters, "too_big")
             return
         dst = bytes(data[8:14])
@@ -317,40 +396,95 @@ class Switch:
         if port is None:
             _drop(net.counters, "not_local")
             return
-        c = net.counters
-        c.rx_frames += 1
-        c.rx_bytes += n - VXLAN_HLEN
-        if encrypted:
-            c.esp_rx += 1
-        self._write_port(port, data[VXLAN_HLEN:])
+        if self._write_port(port, data[VXLAN_HLEN:]):
+            c = net.counters
+            c.rx_frames += 1
+            c.rx_bytes += n - VXLAN_HLEN
+            if encrypted:
+                c.esp_rx += 1
+            if n - VXLAN_HLEN > net.max_frame:
+                c.gso_rx += 1
+
+    def _rx_vnet(self, port: Port, frame: bytearray | memoryview) -> Buf | None:
+        """The ``virtio_net_hdr`` for a complete frame from the wire to an offload port.
+
+        A TCP/UDP checksum is handed to the kernel as unfinished (``NEEDS_CSUM``, the field
+        rewritten to the pseudo-header sum): a frame from a peer with offloads carries one, and
+        only this way can one frame bigger than the MTU, a TCP super-frame, go in whole
+        (``gso_size`` from the network MTU).  Anything else goes in as it came.  None: dropped.
+        """
+        net = port.net
+        n = len(frame)
+        if n >= 42 and frame[12] == 8 and frame[13] == 0 and frame[14] >> 4 == 4:
+            proto = frame[23]
+            if proto in {6, 17} and not (frame[20] & 0x3F or frame[21]):
+                start = 14 + (frame[14] & 15) * 4
+                l4_len = ((frame[16] << 8) | frame[17]) + 14 - start
+                addrs = frame[26:34]
+                gso = GSO_TCPV4
+            else:
+                start = 0
+        elif n >= 62 and frame[12] == 0x86 and frame[13] == 0xDD and frame[20] in {6, 17}:
+            proto = frame[20]
+            start = 54
+            l4_len = (frame[18] << 8) | frame[19]
+            addrs = frame[22:54]
+            gso = GSO_TCPV6
+        else:
+            start = 0
+        if start:
+            offset = 16 if proto == 6 else 6
+            at = start + offset
+            if l4_len >= offset + 2 and start + l4_len <= n and at + 2 <= n:
+                s = (int.from_bytes(addrs, "big") % 0xFFFF + proto + l4_len) % 0xFFFF or 0xFFFF
+                frame[at] = s >> 8
+                frame[at + 1] = s & 0xFF
+                hdr = self._rx_hdr
+                if n <= net.max_frame:
+                    HDR.pack_into(hdr, 0, NEEDS_CSUM, 0, 0, 0, start, offset)
+                    return hdr
+                mss = net.spec.mtu - (start - 14) - (frame[start + 12] >> 4) * 4
+                if proto == 6 and mss > 0:
+                    HDR.pack_into(hdr, 0, NEEDS_CSUM, gso, 0, mss, start, offset)
+                    return hdr
+        if n > net.max_frame:
+            _drop(net.counters, "too_big")
+            return None
+        return PLAIN
 
     # --------------------------------------------------------------- VIP load balancing
 
-    def _lb_from_tap(self, port: Port, frame: bytes, dst: bytes) -> None:
+    def _lb_from_tap(self, port: Port, frame: bytes, dst: bytes, vh: Buf) -> None:
         """A frame to a VIP (a client's request) or to our LB MAC (a local backend's reply)."""
         net = port.net
         lb = net.lb
         if lb is None:
             return
-        if frame[12:14] == _ETYPE_ARP:  # a unicast ARP request: the kernel's reachability probe
+        if frame[12:14] == ETYPE_ARP:  # a unicast ARP request: the kernel's reachability probe
             self._answer_arp(port, frame)
             return
         vip = net.lb_macs[dst]
         if vip is None:
-            self._lb_reply(net, frame, dst, None)
+            self._lb_reply(net, frame, dst, None, vh)
             return
-        out = lb.forward(vip, frame, net.neigh)
+        out = lb.forward(vip, frame, net.neigh, bool(vh[0] & NEEDS_CSUM))
         if out is not None:
-            self.from_tap(port, out)  # now addressed to the backend: switched the normal way
+            self.from_tap(port, out, vh)  # now addressed to the backend: switched the normal way
 
-    def _lb_reply(self, net: Net, frame: bytes, dst: bytes, encrypted: bool | None) -> None:
+    def _lb_reply(
+        self, net: Net, frame: bytes, dst: bytes, encrypted: bool | None, vh: Buf = PLAIN
+    ) -> None:
         """A frame to a VIP or LB MAC from the underlay (``encrypted`` set) or a local TAP.
 
         A backend's reply goes back to its client, always local (it was balanced here); one no
         connection claims goes to the port owning the MAC (the ingress sandbox), or is dropped.
+        From the underlay, the checksum state is settled on delivery (:meth:`_rx_vnet`).
         """
         lb = net.lb
-        found = None if lb is None or net.lb_macs[dst] is not None else lb.reverse(frame)
+        partial = encrypted is None and bool(vh[0] & NEEDS_CSUM)
+        found = None
+        if lb is not None and net.lb_macs[dst] is None:
+            found = lb.reverse(frame, partial)
         out: bytes | bytearray = frame
         if found is None:
             client = net.local.get(dst)
@@ -364,14 +498,14 @@ class Switch:
                 _drop(net.counters, "lb_client_gone")
                 return
         if encrypted is None:
-            self._deliver(client, out)
+            self._deliver(client, out, vh)
             return
-        c = net.counters
-        c.rx_frames += 1
-        c.rx_bytes += len(out)
-        if encrypted:
-            c.esp_rx += 1
-        self._write_port(client, out)
+        if self._write_port(client, bytearray(out)):
+            c = net.counters
+            c.rx_frames += 1
+            c.rx_bytes += len(out)
+            if encrypted:
+                c.esp_rx += 1
 
     def tick(self, now: float) -> None:
         """The engine's clock, about once a second: connections idle too long are forgotten."""
@@ -380,73 +514,66 @@ class Switch:
             if net.lb is not None:
                 net.lb.tick(now)
 
-    def _deliver(self, port: Port, frame: bytes | bytearray) -> None:
+    def _deliver(self, port: Port, frame: Buf, vh: Buf) -> None:
+        """Between two local TAPs: offload state goes along (or is settled in Python)."""
         c = port.net.counters
         c.local_frames += 1
         c.local_bytes += len(frame)
-        self._write_port(port, frame)
+        if port.offload:
+            self._write_raw(port, vh, frame)
+        elif vh[0] & NEEDS_CSUM:
+            for seg in self._complete(vh, frame, port.net):
+                self._write_raw(port, port.plain, seg)
+        else:
+            self._write_raw(port, port.plain, frame)
 
-    def _write_port(self, port: Port, frame: bytes | bytearray | memoryview) -> None:
+    def _write_port(self, port: Port, frame: bytearray | memoryview) -> bool:
+        """A complete frame (from the wire, or made here) to a port; False if dropped."""
+        if port.offload:
+            vh = self._rx_vnet(port, frame)
+            if vh is None:
+                return False
+        else:
+            vh = port.plain
+        return self._write_raw(port, vh, frame)
+
+    def _write_raw(self, port: Port, vh: Buf, frame: Buf) -> bool:
         try:
-            self._write(port.fd, frame)
+            self._write(port.fd, vh, frame)
         except BlockingIOError:
             _drop(port.net.counters, "tap_full")
+            return False
         except OSError:  # EIO: the container's interface is down
             _drop(port.net.counters, "port_down")
+            return False
+        return True
 
     # ------------------------------------------------------ proxy ARP and neighbour discovery
 
     def _from_tap_multicast(self, port: Port, frame: bytes) -> None:
         etype = frame[12:14]
-        if etype == _ETYPE_ARP:
+        if etype == ETYPE_ARP:
             self._answer_arp(port, frame)
-        elif etype == _ETYPE_IPV6 and len(frame) >= 78 and frame[20] == 58 and frame[54] == 135:
-            self._answer_nd(port, frame)
+        elif etype == ETYPE_IPV6 and is_neighbour_solicitation(frame):
+            reply, reason = nd_advertisement(frame, port.net.neigh)
+            self._answer(port, reply, reason, "nd")
         else:
             _drop(port.net.counters, "flood_suppressed")
 
     def _answer_arp(self, port: Port, frame: bytes) -> None:
-        net = port.net
-        if len(frame) < 42 or frame[14:22] != _ARP_ETH_IPV4_REQUEST:
-            _drop(net.counters, "arp_not_request")
-            return
-        sender_mac, sender_ip, target_ip = frame[22:28], frame[28:32], frame[38:42]
-        target_mac = net.neigh.get(target_ip)
-        if target_ip == sender_ip:
-            _drop(net.counters, "arp_gratuitous")
-            return
-        if target_mac is None:
-            _drop(net.counters, "arp_unknown_target")
-            return
-        reply = (
-            sender_mac
-            + target_mac
-            + _ETYPE_ARP
-            + _ARP_ETH_IPV4_REPLY
-            + target_mac
-            + target_ip
-            + sender_mac
-            + sender_ip
-        )
-        net.counters.arp_replies += 1
-        self._write_port(port, reply)
+        reply, reason = arp_reply(frame, port.net.neigh)
+        self._answer(port, reply, reason, "arp")
 
-    def _answer_nd(self, port: Port, frame: bytes) -> None:
-        net = port.net
-        src_ip, target = frame[22:38], frame[62:78]
-        target_mac = net.neigh.get(target)
-        if src_ip == _IPV6_UNSPECIFIED:
-            _drop(net.counters, "nd_dad")
+    def _answer(self, port: Port, reply: bytes | None, reason: str | None, kind: str) -> None:
+        c = port.net.counters
+        if reply is None:
+            _drop(c, reason or kind)
             return
-        if target_mac is None:
-            _drop(net.counters, "nd_unknown_target")
-            return
-        icmp = bytearray(b"\x88\x00\x00\x00" + _ICMPV6_NA_FLAGS + target + b"\x02\x01" + target_mac)
-        pseudo = target + src_ip + struct.pack("!I3xB", len(icmp), 58)
-        struct.pack_into("!H", icmp, 2, internet_checksum(pseudo + icmp))
-        ip6 = b"\x60\x00\x00\x00" + struct.pack("!HBB", len(icmp), 58, 255) + target + src_ip
-        net.counters.nd_replies += 1
-        self._write_port(port, frame[6:12] + target_mac + _ETYPE_IPV6 + ip6 + bytes(icmp))
+        if kind == "arp":
+            c.arp_replies += 1
+        else:
+            c.nd_replies += 1
+        self._write_raw(port, port.plain, reply)
 
     # ------------------------------------------------------------------ the table interface
 
@@ -489,7 +616,7 @@ class Switch:
         for mac, rst in lb.apply(update, net.neigh, net.local):  # RSTs for clients that lost
             port = net.local.get(mac)  # their backend: they fail now, not after 2 h of silence
             if port is not None:
-                self._write_port(port, rst)
+                self._write_port(port, bytearray(rst))
 
     def set_data_port(self, port: int) -> None:
         """Every remote VTEP is now reached on ``port`` (the cluster's data-path port)."""
@@ -505,13 +632,14 @@ class Switch:
 
     def _add_network(self, spec: NetworkSpec) -> None:
         old = self.nets.get(spec.vni)
-        net = Net(spec)
+        net = Net(spec, self.offload)
         if old is not None:  # re-programming keeps endpoints, peers and counters
             net.local, net.remote, net.counters = old.local, old.remote, old.counters
             net.lb, net.lb_macs = old.lb, old.lb_macs
             net.neigh.update(old.neigh)
             for port in net.local.values():
                 port.net = net
+                port.offload = port.vnet and net.offload
         self.nets[spec.vni] = net
         self.peers.setdefault(spec.vni, {})
 
@@ -525,7 +653,8 @@ class Switch:
 
     def _add_port(self, update: AddPort) -> None:
         net = self._net(update.vni)
-        port = Port(update.port_id, update.fd, update.mac, update.ip.packed, net)
+        vnet = self._is_vnet(update.fd)
+        port = Port(update.port_id, update.fd, update.mac, update.ip.packed, net, vnet)
         self.ports[port.port_id] = port
         self.ports_by_fd[port.fd] = port
         net.local[port.mac] = port
