@@ -632,6 +632,7 @@ def bench(
 
 
 # swarm, node, network and service commands register themselves on `cli`
+from vxnet import cli_lab  # noqa: E402, F401  (lab validate, lab graph)
 from vxnet import cli_swarm  # noqa: E402, F401
 from vxnet import cli_trace  # noqa: E402, F401
 

@@ -145,7 +145,7 @@ def parse_spec(
     hosts: int | None = None,
     source: str = "lab file",
 ) -> LabSpec:
-    known = {"name", "underlay", "host", "network", "container", "swarm"}
+    known = {"name", "underlay", "host", "network", "container", "swarm", "check"}
     unknown = set(data) - known
     if unknown:
         raise UsageError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -197,6 +197,7 @@ def parse_spec(
         rotation,
         icv,
         data_subnet,
+        extra={"check": data["check"]} if "check" in data else {},  # vxnet.lab.validate parses
     )
 
 
