@@ -185,7 +185,15 @@ class Agent:
                     "advertise_addr": self.info["advertise_addr"],
                     "data_path_addr": self.info["data_path_addr"],
                     "tasks": self._local_tasks(),
-                    "attachments": [c.name for c in self.daemon.containers.values() if c.attached],
+                    # those waiting to be re-adopted after a restart are still ours
+                    "attachments": [
+                        c.name
+                        for c in (
+                            *self.daemon.containers.values(),
+                            *self.daemon.adoption.waiting.values(),
+                        )
+                        if c.attached
+                    ],
                 }
             )
             welcome = await channel.receive()
