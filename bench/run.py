@@ -1,10 +1,12 @@
 """``vxnet bench``: kernel VXLAN and vxnet in the same two-host topology, measured the same way.
 
 (a) :func:`vxnet.lab.kernel.kernel_pair` -- two namespaces with kernel ``vxlan`` devices on one
-fabric, a container behind each; (b) a two-host vxnet lab, an ``iperf3`` container on h1 and an
-``idle`` one on h2.  On each: ping RTT from the h2 container to the h1 container (one echo every
-10 ms, each reply's ``time=``), then ``iperf3 -c`` single-stream TCP throughput, ``repeats``
-times.  Then one table side by side, with the ratios vxnet/kernel.
+fabric, a container behind each; (b) a two-host vxnet lab (offloads on, the default), an
+``iperf3`` container on h1 and an ``idle`` one on h2, on a plain network and (``--encrypted``)
+an encrypted one; (c) the same lab with ``--no-offload`` daemons.  On each: ping RTT, then
+``repeats`` rounds of TCP 1 stream, TCP N streams and UDP 1400-byte packets/s
+(:mod:`bench.measure`), CPU and daemon memory from /proc.  Then one table side by side, with
+ratios to the kernel.
 
 A side that fails is reported as failed (and the exit status is 1); no figure is printed that
 was not measured in this run.  Every namespace is removed at the end, on errors too.
@@ -12,135 +14,34 @@ was not measured in this run.  Every namespace is removed at the end, on errors 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import platform
-import re
 import secrets
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bench.measure import (
+    IPERF_PORT,
+    PING_COUNT,
+    PING_INTERVAL,
+    UDP_PAYLOAD,
+    Runner,
+    Side,
+    measure,
+    progress,
+)
 from vxnet import netns
 from vxnet.lab import Lab
 from vxnet.lab.kernel import kernel_pair
 
-Runner = Callable[[Sequence[str], float], subprocess.CompletedProcess[str]]
-
-IPERF_PORT = 5201
-PING_COUNT = 200
-PING_INTERVAL = "0.01"
-DATAPLANE = "naive per-frame forwarder; offloads come with the fast-path issue"
-_RTT_RE = re.compile(r"time=([0-9.]+) ms")
-
-
-class BenchFailed(Exception):
-    """A measurement could not be taken; the message says which and why."""
-
-
-@dataclass
-class Side:
-    """What one side (kernel VXLAN or vxnet) measured: raw samples, or why it failed."""
-
-    name: str
-    bits_per_second: list[float] = field(default_factory=list)
-    rtt_ms: list[float] = field(default_factory=list)
-    pings_sent: int = 0
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and bool(self.bits_per_second) and bool(self.rtt_ms)
-
-    def summary(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        if self.bits_per_second:
-            gbps = [b / 1e9 for b in self.bits_per_second]
-            out |= {
-                "gbps_min": min(gbps),
-                "gbps_median": statistics.median(gbps),
-                "gbps_max": max(gbps),
-            }
-        if self.rtt_ms:
-            out |= {
-                "rtt_p50_ms": percentile(self.rtt_ms, 50),
-                "rtt_p99_ms": percentile(self.rtt_ms, 99),
-            }
-        return out
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (a value that was measured, never interpolated)."""
-    ordered = sorted(samples)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def progress(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------ measuring
-
-
-def wait_listening(run: Runner, port: int, timeout: float = 15.0) -> None:
-    """Wait until something listens on TCP ``port`` where ``run`` runs commands."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if run(["ss", "-Hltn", f"sport = :{port}"], 10).stdout.strip():
-            return
-        time.sleep(0.05)
-    raise BenchFailed(f"no iperf3 server listening on :{port} after {timeout:.0f} s")
-
-
-def measure_rtt(side: Side, client: Runner, target: str) -> None:
-    client(["ping", "-c", "3", "-i", "0.2", "-W", "1", target], 30)  # warm up caches, ARP
-    argv = ["ping", "-n", "-c", str(PING_COUNT), "-i", PING_INTERVAL, "-W", "1", target]
-    r = client(argv, PING_COUNT * 0.05 + 30)
-    side.pings_sent = PING_COUNT
-    side.rtt_ms = [float(m) for m in _RTT_RE.findall(r.stdout)]
-    if not side.rtt_ms:
-        raise BenchFailed(f"ping {target}: no reply ({(r.stderr or r.stdout).strip()[-300:]})")
-
-
-def iperf3_once(client: Runner, target: str, duration: int) -> float:
-    """One ``iperf3 -c`` run; its received throughput in bit/s."""
-    argv = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(duration), "-J"]
-    error = ""
-    for attempt in range(3):  # "the server is busy" right after the previous test: retry
-        r = client(argv, duration + 30)
-        try:
-            report: dict[str, Any] = json.loads(r.stdout)
-        except ValueError:
-            report = {"error": (r.stderr or r.stdout).strip()[-300:] or f"exit {r.returncode}"}
-        if "error" not in report and r.returncode == 0:
-            bps = float(report["end"]["sum_received"]["bits_per_second"])
-            if bps > 0:
-                return bps
-            error = "0 bit/s received"
-        else:
-            error = str(report.get("error", f"exit {r.returncode}"))
-        progress(f"  iperf3 attempt {attempt + 1} failed: {error}")
-        time.sleep(1.0)
-    raise BenchFailed(f"iperf3 -c {target}: {error}")
-
-
-def measure(
-    side: Side, client: Runner, server: Runner, target: str, duration: int, repeats: int
-) -> None:
-    wait_listening(server, IPERF_PORT)
-    progress(f"{side.name}: ping {target} x{PING_COUNT}")
-    measure_rtt(side, client, target)
-    for i in range(repeats):
-        progress(f"{side.name}: iperf3 {i + 1}/{repeats} ({duration} s)")
-        side.bits_per_second.append(iperf3_once(client, target, duration))
-        progress(f"{side.name}:   {side.bits_per_second[-1] / 1e9:.3f} Gbit/s")
+__all__ = ["Side", "run_bench"]
 
 
 def _runner(ns: str) -> Runner:
@@ -152,8 +53,8 @@ def _runner(ns: str) -> Runner:
     return run
 
 
-def bench_kernel(duration: int, repeats: int) -> Side:
-    side = Side("kernel VXLAN")
+def bench_kernel(duration: int, repeats: int, streams: int) -> Side:
+    side = Side("kernel VXLAN", path="kernel")
     name = "benchk" + secrets.token_hex(3)
     progress(f"kernel VXLAN: building the pair (vx-{name}-*)")
     try:
@@ -166,7 +67,13 @@ def bench_kernel(duration: int, repeats: int) -> Side:
             )
             try:
                 measure(
-                    side, _runner(cli.namespace), _runner(srv.namespace), srv.ip, duration, repeats
+                    side,
+                    _runner(cli.namespace),
+                    _runner(srv.namespace),
+                    srv.ip,
+                    duration,
+                    repeats,
+                    streams,
                 )
             finally:
                 server.terminate()
@@ -177,16 +84,34 @@ def bench_kernel(duration: int, repeats: int) -> Side:
     return side
 
 
-def bench_vxnet(duration: int, repeats: int, encrypted: bool = False) -> tuple[list[Side], str]:
-    """vxnet plain, and (with ``encrypted``) an encrypted overlay beside it in the same lab."""
-    sides = [Side("vxnet")] + ([Side("vxnet encrypted")] if encrypted else [])
-    name = "benchv" + secrets.token_hex(3)
-    dataplane = DATAPLANE
-    progress(f"vxnet: building lab {name} (2 hosts)")
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Daemons started meanwhile inherit these (the lab passes its environment on)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        with Lab(hosts=2, name=name) as lab:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def bench_vxnet(
+    duration: int, repeats: int, streams: int, encrypted: bool = False, offload: bool = True
+) -> list[Side]:
+    """vxnet plain, and (with ``encrypted``) an encrypted overlay beside it in the same lab."""
+    suffix = "" if offload else " offloads off"
+    sides = [Side("vxnet" + suffix)] + ([Side("vxnet encrypted")] if encrypted else [])
+    name = "benchv" + secrets.token_hex(3)
+    progress(f"vxnet{suffix}: building lab {name} (2 hosts)")
+    env = {} if offload else {"VXNET_NO_OFFLOAD": "1"}
+    try:
+        with _environment(**env), Lab(hosts=2, name=name) as lab:
             info = lab.client("h1").get("/info")
-            dataplane = str(info.get("dataplane", DATAPLANE))
+            daemons = [int(lab.state["hosts"][h]["pid"]) for h in ("h1", "h2")]
             networks = ["front"]
             if encrypted:
                 lab.manager.post(
@@ -195,7 +120,10 @@ def bench_vxnet(duration: int, repeats: int, encrypted: bool = False) -> tuple[l
                 )
                 networks.append("secret")
             for side, net in zip(sides, networks, strict=True):
-                progress(f"{side.name}: network {net}")
+                side.path = str(info.get("dataplane_path", "?"))
+                if net == "secret":
+                    side.path = "per-frame ESP"
+                progress(f"{side.name}: network {net} ({side.path})")
                 try:
                     srv = lab.run("h1", f"srv-{net}", net, "iperf3")
                     cli = lab.run("h2", f"cli-{net}", net, "idle")
@@ -206,6 +134,8 @@ def bench_vxnet(duration: int, repeats: int, encrypted: bool = False) -> tuple[l
                         srv["ip"],
                         duration,
                         repeats,
+                        streams,
+                        daemons,
                     )
                 except Exception as exc:  # this side failed; the other may still be measured
                     side.error = f"{type(exc).__name__}: {exc}"
@@ -214,7 +144,7 @@ def bench_vxnet(duration: int, repeats: int, encrypted: bool = False) -> tuple[l
             side.error = side.error or f"{type(exc).__name__}: {exc}"
     for side in sides:
         _check_removed(side, f"vx-{name}-")
-    return sides, dataplane
+    return sides
 
 
 def aes_gcm_ceiling(seconds: float = 0.5) -> dict[str, float]:
@@ -261,53 +191,74 @@ def machine() -> dict[str, Any]:
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
-    return "failed" if value is None else f"{value:.{digits}f}"
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _ratio(vx: float | None, k: float | None) -> str:
     if vx is None or k is None or k == 0:
         return "-"
-    return f"{vx / k:.3f}"
+    return f"{vx / k:.2f}"
+
+
+ROWS = [
+    ("TCP 1 stream Gbit/s  median", "tcp1_gbps_median"),
+    ("                     min", "tcp1_gbps_min"),
+    ("                     max", "tcp1_gbps_max"),
+    ("TCP {n} streams Gbit/s median", "tcpn_gbps_median"),
+    ("                     min", "tcpn_gbps_min"),
+    ("                     max", "tcpn_gbps_max"),
+    ("UDP 1400 B kpps rx   median", "udp_kpps_median"),
+    ("                     min", "udp_kpps_min"),
+    ("                     max", "udp_kpps_max"),
+    ("ping RTT ms          p50", "rtt_p50_ms"),
+    ("                     p99", "rtt_p99_ms"),
+    ("CPU cores per Gbit/s machine", "cores_per_gbps_median"),
+    ("                     daemons", "daemon_cores_per_gbps_median"),
+    ("daemon RSS MB        idle", "rss_idle_mb"),
+    ("                     peak", "rss_peak_mb"),
+]
 
 
 def render(
     mach: dict[str, Any],
     sides: list[Side],
-    dataplane: str,
     duration: int,
     repeats: int,
+    streams: int,
     ceiling: dict[str, float] | None,
 ) -> str:
     sums = [s.summary() for s in sides]
     cpu = f" ({mach['cpu']})" if mach["cpu"] else ""
-    head = "".join(f"{s.name:>18}" for s in sides)
-    ratios = [("vxnet/kernel", 1, 0)] + (
-        [("enc/kernel", 2, 0), ("enc/plain", 2, 1)] if len(sides) > 2 else []
-    )
+    names = [s.name.replace("vxnet ", "") if s.name != "vxnet" else "vxnet" for s in sides]
     lines = [
-        "vxnet bench: kernel VXLAN vs vxnet, same two-host namespace topology (MTU 1450; "
-        "encrypted: 1416)",
+        "vxnet bench: kernel VXLAN vs vxnet, same two-host namespace topology "
+        "(MTU 1450; encrypted: 1416)",
         f"machine: {mach['nproc']} CPUs{cpu}, Linux {mach['kernel']}, {mach['python']}",
-        f"vxnet dataplane: {dataplane}",
-        f"iperf3: 1 TCP stream, {duration} s x {repeats}; "
-        f"ping: {PING_COUNT} echoes, one every {float(PING_INTERVAL) * 1000:.0f} ms",
+        "paths: " + "; ".join(f"{s.name}: {s.path or '?'}" for s in sides),
+        f"{repeats} rounds of: iperf3 TCP 1 stream, TCP {streams} streams, UDP {UDP_PAYLOAD}-byte "
+        f"payload (1400-byte packets) unlimited rate, {duration} s each; ping: {PING_COUNT} "
+        f"echoes every {float(PING_INTERVAL) * 1000:.0f} ms",
         "",
-        f"{'':22}{head}" + "".join(f"{r[0]:>14}" for r in ratios),
+        f"{'':30}"
+        + "".join(f"{n:>13}" for n in names)
+        + "".join(f"{n[:9] + '/k':>12}" for n in names[1:]),
     ]
-    rows = [
-        ("TCP Gbit/s   median", "gbps_median"),
-        ("TCP Gbit/s   min", "gbps_min"),
-        ("TCP Gbit/s   max", "gbps_max"),
-        ("ping RTT ms  p50", "rtt_p50_ms"),
-        ("ping RTT ms  p99", "rtt_p99_ms"),
-    ]
-    for label, key in rows:
+    lower_is_better = {"rtt_p50_ms", "rtt_p99_ms"}
+    for label, key in ROWS:
         vals = [sm.get(key) for sm in sums]
-        line = f"{label:22}" + "".join(f"{_fmt(v):>18}" for v in vals)
-        line += "".join(f"{_ratio(vals[a], vals[b]):>14}" for _, a, b in ratios)
+        if all(v is None for v in vals):
+            continue
+        line = f"{label.format(n=streams):30}" + "".join(f"{_fmt(v):>13}" for v in vals)
+        if key.endswith(("_median", "_p50_ms", "_p99_ms")) and not key.startswith(
+            ("cores", "daemon")
+        ):
+            ratio = [_ratio(v, vals[0]) for v in vals[1:]]
+            line += "".join(f"{r:>12}" for r in ratio)
+            if key in lower_is_better:
+                line += "  (x kernel)"
         lines.append(line)
-    replies = [f"{len(s.rtt_ms)}/{s.pings_sent}" if s.pings_sent else "failed" for s in sides]
-    lines.append(f"{'ping replies':22}" + "".join(f"{r:>18}" for r in replies))
+    replies = [f"{len(s.rtt_ms)}/{s.pings_sent}" if s.pings_sent else "-" for s in sides]
+    lines.append(f"{'ping replies':30}" + "".join(f"{r:>13}" for r in replies))
     if ceiling is not None:
         lines += [
             "",
@@ -323,26 +274,65 @@ def render(
     return "\n".join(lines)
 
 
+def plot(path: str, sides: list[Side]) -> None:
+    """Bars of each vxnet side's ratio to the kernel, per measure (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        ("TCP 1", "tcp1_gbps_median"),
+        ("TCP N", "tcpn_gbps_median"),
+        ("UDP pps", "udp_kpps_median"),
+        ("RTT p50 (lower better)", "rtt_p50_ms"),
+    ]
+    kernel = sides[0].summary()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(sides) - 1)
+    for i, side in enumerate(sides[1:]):
+        sm = side.summary()
+        vals = [sm[k] / kernel[k] if k in sm and kernel.get(k) else 0.0 for _, k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], vals, width, label=side.name)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [k for k, _ in keys])
+    ax.set_ylabel("vxnet / kernel VXLAN")
+    ax.set_title("vxnet bench: ratios to kernel VXLAN, measured side by side")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def run_bench(
-    duration: int = 10, repeats: int = 3, json_path: str | None = None, encrypted: bool = False
+    duration: int = 10,
+    repeats: int = 3,
+    json_path: str | None = None,
+    encrypted: bool = False,
+    streams: int = 4,
+    plot_path: str | None = None,
+    no_offload_row: bool = True,
 ) -> int:
     """Measure every side, print one table; 0 if all were measured, 1 otherwise."""
     if os.geteuid() != 0:
         print("vxnet bench needs root (network namespaces): run it with sudo", file=sys.stderr)
         return 1
     mach = machine()
-    kernel = bench_kernel(duration, repeats)
-    vx_sides, dataplane = bench_vxnet(duration, repeats, encrypted)
-    sides = [kernel, *vx_sides]
+    started = time.time()
+    sides = [bench_kernel(duration, repeats, streams)]
+    sides += bench_vxnet(duration, repeats, streams, encrypted)
+    if no_offload_row:
+        sides += bench_vxnet(duration, repeats, streams, offload=False)
     ceiling = aes_gcm_ceiling() if encrypted else None
-    print(render(mach, sides, dataplane, duration, repeats, ceiling), flush=True)
+    print(render(mach, sides, duration, repeats, streams, ceiling), flush=True)
     if json_path:
         doc = {
             "machine": mach,
-            "dataplane": dataplane,
+            "started": started,
             "params": {
                 "duration": duration,
                 "repeats": repeats,
+                "streams": streams,
+                "udp_payload": UDP_PAYLOAD,
                 "ping_count": PING_COUNT,
                 "ping_interval_s": float(PING_INTERVAL),
             },
@@ -351,4 +341,7 @@ def run_bench(
         }
         Path(json_path).write_text(json.dumps(doc, indent=1) + "\n")
         progress(f"raw samples and summary written to {json_path}")
+    if plot_path:
+        plot(plot_path, sides)
+        progress(f"plot written to {plot_path}")
     return 0 if all(s.ok for s in sides) else 1

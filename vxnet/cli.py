@@ -602,11 +602,14 @@ def _drops(drops: dict[str, int]) -> str:
 
 @cli.command()
 @click.option("--duration", type=click.IntRange(1, 600), default=10, help="Seconds per iperf3 run.")
-@click.option("--repeats", type=click.IntRange(1, 20), default=3)
+@click.option("--repeats", type=click.IntRange(1, 20), default=3, help="Rounds of every test.")
+@click.option("--streams", type=click.IntRange(2, 64), default=4, help="Parallel TCP streams.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="A PNG of the ratios.")
 @click.option(
     "--encrypted", is_flag=True, help="Also an encrypted overlay, and the AES-GCM ceiling."
 )
+@click.option("--no-offload-row", "skip_no_offload", is_flag=True, help="Skip --no-offload.")
 @click.option(
     "--gossip",
     "gossip_args",
@@ -614,9 +617,16 @@ def _drops(drops: dict[str, int]) -> str:
     help="Run the gossip simulation instead, e.g. --gossip '--nodes 100,1000 --loss 0,10'.",
 )
 def bench(
-    duration: int, repeats: int, json_path: str | None, encrypted: bool, gossip_args: str | None
+    duration: int,
+    repeats: int,
+    streams: int,
+    json_path: str | None,
+    plot_path: str | None,
+    encrypted: bool,
+    skip_no_offload: bool,
+    gossip_args: str | None,
 ) -> None:
-    """Kernel VXLAN vs vxnet, side by side in one run: TCP throughput and ping RTT."""
+    """Kernel VXLAN vs vxnet (offloads on, encrypted, offloads off), side by side in one run."""
     from bench.run import run_bench
 
     if gossip_args is not None:
@@ -627,7 +637,15 @@ def bench(
         sys.exit(gossip_main(shlex.split(gossip_args)))
 
     sys.exit(
-        run_bench(duration=duration, repeats=repeats, json_path=json_path, encrypted=encrypted)
+        run_bench(
+            duration=duration,
+            repeats=repeats,
+            json_path=json_path,
+            encrypted=encrypted,
+            streams=streams,
+            plot_path=plot_path,
+            no_offload_row=not skip_no_offload,
+        )
     )
 
 
