@@ -599,7 +599,7 @@ def test_assignments_are_exactly_the_nodes_tasks_and_networks(
         task = got["tasks"][0]
         assert set(task) == {"id", "service_name", "slot", "container", "image", "cmd",
                              "addresses", "service_id", "endpoint_mode", "vips", "ports",
-                             "host_ports"}  # fmt: skip
+                             "host_ports", "dns"}  # fmt: skip
         assert task["service_name"] == "web"
         assert task["vips"] == {a["id"]: svcs.find_service(cluster, "web")["vips"][a["id"]]}
         assert set(got["lb_addresses"]) == expected_nets(node)
