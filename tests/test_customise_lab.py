@@ -115,6 +115,9 @@ def test_ingress_customisation_flow(lab: Lab) -> None:
         wait_for(lambda h=host: curl_outside(lab, h).returncode == 0, f"my-ingress via {host}")
         sandbox = lab.client(host).get("/mesh")["ingress_sandbox"]
         assert sandbox["network"] == "my-ingress" and sandbox["ip"].startswith("10.11."), sandbox
+        # the new ingress may get the old one's VNI: the dataplane must have it, not lose it
+        # when the old one is pruned (it did once)
+        assert "my-ingress" in lab.stats(host)["networks"], lab.stats(host)["networks"].keys()
     task = next(n for n in lab.containers() if n.startswith("web."))
     links = lab.exec(task, ["ip", "-o", "link"]).stdout
     assert "mtu 1200" in links, links  # the task's interface on my-ingress

@@ -14,14 +14,15 @@ import dataclasses
 import ipaddress
 import os
 import signal
-import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import click
 
 from vxnet.capture import explain, explain_vxlan, finish_capture, start_capture
+from vxnet.demo_services import customise_ingress_tour, services_tour
 from vxnet.errors import BadPacket, VxnetError
 from vxnet.esp.sa import SecurityAssociation
 from vxnet.esp.spi import derive_spi, salt_for_spi
@@ -31,6 +32,17 @@ from vxnet.lab import Lab, builder
 from vxnet.lab.topology import default_spec
 
 LAB_NAME = "demo"
+DATA_SUBNET = ipaddress.IPv4Network("192.168.200.0/24")
+CUSTOM_GWBRIDGE = {
+    "name": "docker_gwbridge",
+    "subnet": "10.99.0.0/16",
+    "gateway": "10.99.0.1",
+    "options": {
+        "com.docker.network.bridge.name": "docker_gwbridge",
+        "com.docker.network.bridge.enable_icc": "false",
+        "com.docker.network.bridge.enable_ip_masquerade": "true",
+    },
+}
 
 
 class Tour:
@@ -71,15 +83,23 @@ def run_demo(keep: bool = False, step: bool = False) -> int:
     builder.down(LAB_NAME)  # a previous --keep run may still be up
     t0 = time.monotonic()
     tour = Tour(step)
-    spec = dataclasses.replace(default_spec(LAB_NAME, 3), networks=())
+    # a second fabric for VXLAN/ESP (--data-path-addr); the swarm is formed below, after h3 made
+    # its own docker_gwbridge, as the seed's customisation does
+    spec = dataclasses.replace(
+        default_spec(LAB_NAME, 3, swarm=False), networks=(), data_subnet=DATA_SUBNET
+    )
     lab = Lab(spec=spec)
     try:
+        lab.client("h3").post("/local-networks", CUSTOM_GWBRIDGE)
+        builder.form_swarm(lab.state, dataclasses.replace(spec, swarm=True))
+        builder.save_state(lab.name, lab.state)
         _tour(tour, lab)
     finally:
         if keep:
             click.echo(
                 f"\nThe lab stays up: try `vxnet --lab {LAB_NAME} ps -a`, "
-                f"`vxnet --lab {LAB_NAME} exec client -- ping web1`; "
+                f"`vxnet --lab {LAB_NAME} exec client -- dig tasks.web`, "
+                f"`vxnet --lab {LAB_NAME} trace --on h2 --count 5`; "
                 f"`vxnet lab down --name {LAB_NAME}` when done."
             )
         else:
@@ -106,11 +126,17 @@ def _tour(tour: Tour, lab: Lab) -> None:
             for n in nodes
         ]
         lines.append(f"worker token: {token[:24]}... (digest of the root CA + a secret)")
-        ss = lab.exec_host("h1", ["ss", "-ltn"]).stdout
-        listening = f"{lab.host_address('h1')}:2377" in ss
-        lines.append(f"h1 listens on {lab.host_address('h1')}:2377 (mutual TLS): {listening}")
-        ok = len(nodes) == 3 and all(n["status"] == "ready" for n in nodes) and listening
-        return ok, lines
+        tcp = lab.exec_host("h1", ["ss", "-ltn"]).stdout
+        udp = lab.exec_host("h1", ["ss", "-lun"]).stdout
+        addr, data = lab.host_address("h1"), lab.data_address("h1")
+        ports = {
+            "TCP 2377 (manager, mutual TLS)": f"{addr}:2377" in tcp,
+            "TCP+UDP 7946 (gossip)": f"{addr}:7946" in tcp and f"{addr}:7946" in udp,
+            "UDP 4789 (VXLAN, on the data path)": f"{data}:4789" in udp,
+        }
+        lines += [f"h1 listens: {what}: {'yes' if up else 'NO'}" for what, up in ports.items()]
+        ok = len(nodes) == 3 and all(n["status"] == "ready" for n in nodes)
+        return ok and all(ports.values()), lines
 
     tour.step(
         "A swarm: h1 runs `swarm init`, h2 and h3 join with the real token",
@@ -120,14 +146,18 @@ def _tour(tour: Tour, lab: Lab) -> None:
 
     def defaults() -> tuple[bool, list[str]]:
         (ingress,) = [n for n in mgr.get("/swarm/networks") if n["ingress"]]
-        bridges = {h: [n["Name"] for n in lab.client(h).get("/local-networks")] for h in lab.hosts}
         lines = [f"ingress: overlay, subnet {ingress['subnet']}, VNI {ingress['vni']}"]
-        lines += [f"{h}: local bridge networks {b}" for h, b in bridges.items()]
-        ok = ingress["vni"] >= 4096 and all("docker_gwbridge" in b for b in bridges.values())
-        return ok, lines
+        subnets = {}
+        for h in lab.hosts:
+            gw = lab.client(h).get("/local-networks/docker_gwbridge")
+            subnets[h] = gw["subnet"]
+            lines.append(f"{h}: docker_gwbridge {gw['subnet']} (made by {gw['created_by']})")
+        lines.append("h3 made its own before joining (--subnet 10.99.0.0/16): kept as is")
+        ok = ingress["vni"] >= 4096 and subnets["h3"] == "10.99.0.0/16"
+        return ok and subnets["h1"] != subnets["h3"], lines
 
     tour.step(
-        "Joining created `ingress` (overlay) and `docker_gwbridge` (bridge) on every node",
+        "Joining created `ingress` (overlay) and `docker_gwbridge` (bridge); a custom one is kept",
         "vxnet network ls",
         defaults,
     )
@@ -199,7 +229,7 @@ def _tour(tour: Tour, lab: Lab) -> None:
 
     def wire() -> tuple[bool, list[str]]:
         remote = next(c for c in web if c["host"] != "h2")
-        proc = start_capture(lab.fabric_netns, "h2", count=1, timeout=5)
+        proc = start_capture(lab.fabric_netns, "h2d", count=1, timeout=5)
         lab.exec("client", ["ping", "-c", "1", "-W", "2", remote["ip"]])
         frames = finish_capture(proc, 5)
         if not frames:
@@ -209,8 +239,32 @@ def _tour(tour: Tour, lab: Lab) -> None:
 
     tour.step(
         "The same ping on the wire: ICMP inside Ethernet inside VXLAN inside UDP",
-        f"vxnet capture on h2's port of the fabric ({lab.fabric_netns})",
+        f"vxnet trace --on h2 (h2's data-path port of the fabric, {lab.fabric_netns})",
         wire,
+    )
+
+    def apart() -> tuple[bool, list[str]]:
+        info = lab.client("h2").get("/swarm")
+        caps = {
+            port: start_capture(lab.fabric_netns, port, count=10_000, timeout=3, udp_port=None)
+            for port in ("h2", "h2d")
+        }
+        remote = next(c for c in web if c["host"] != "h2")
+        lab.exec("client", ["ping", "-c", "5", "-i", "0.2", "-W", "2", remote["ip"]])
+        seen = {port: _udp_ports(finish_capture(proc, 3)) for port, proc in caps.items()}
+        lines = [
+            f"h2: --advertise-addr {info['advertise_addr']} (eth0), "
+            f"--data-path-addr {info['data_path_addr']} (eth1)",
+            f"control port: {dict(seen['h2'])} (7946 gossip; no 4789)",
+            f"data port:    {dict(seen['h2d'])} (4789 VXLAN only)",
+        ]
+        ok = seen["h2"][7946] > 0 and seen["h2"][4789] == 0
+        return ok and seen["h2d"][4789] > 0 and seen["h2d"][7946] == 0, lines
+
+    tour.step(
+        "Control and data traffic apart: gossip and 2377 on one interface, VXLAN on the other",
+        "vxnet swarm join --advertise-addr 192.168.100.12 --data-path-addr 192.168.200.12 ...",
+        apart,
     )
 
     def gossip() -> tuple[bool, list[str]]:
@@ -258,77 +312,7 @@ def _tour(tour: Tour, lab: Lab) -> None:
         http,
     )
 
-    def discovery() -> tuple[bool, list[str]]:
-        vip = mgr.get("/services/web")["vips"]
-        lines = []
-        answers = {}
-        for name in ("web", "tasks.web"):
-            r = lab.exec("client", ["dig", "@127.0.0.11", "+short", name])
-            answers[name] = r.stdout.split()
-            lines.append(f"dig {name}: {' '.join(answers[name]) or r.stderr.strip()}")
-        ok = answers["web"] == [next(iter(vip.values()))] and set(answers["tasks.web"]) == {
-            c["ip"] for c in web
-        }
-        lines.append("web -> the service's VIP; tasks.web -> every task (records from gossip)")
-        return ok, lines
-
-    tour.step(
-        "Service discovery: each container's resolver at 127.0.0.11 knows the swarm's services",
-        "vxnet exec client -- dig @127.0.0.11 web; ... tasks.web",
-        discovery,
-    )
-
-    def vip() -> tuple[bool, list[str]]:
-        seen: dict[str, int] = {}
-        for _ in range(6):
-            out = lab.exec("client", ["curl", "-s", "--max-time", "3", "http://web/"]).stdout
-            for ln in out.splitlines():
-                if ln.startswith("Hostname: "):
-                    seen[ln.split(": ")[1]] = seen.get(ln.split(": ")[1], 0) + 1
-        conns = lab.client("h2").get("/dataplane/lb")["connections"]
-        lines = [f"{name}: {n} of 6 connections" for name, n in sorted(seen.items())]
-        lines += [
-            f"h2 conntrack: {c['client']} -> {c['vip']} became {c['snat']} -> {c['backend']} "
-            f"({c['state']})"
-            for c in conns[:2]
-        ]
-        return set(seen) == {c["name"] for c in web}, lines
-
-    tour.step(
-        "VIP load balancing in the dataplane: round robin, DNAT + SNAT, no IPVS",
-        "vxnet exec client -- curl http://web/   (x6)",
-        vip,
-    )
-
-    def mesh() -> tuple[bool, list[str]]:
-        mgr.post("/services", {"name": "front", "image": "whoami", "replicas": 2,
-                               "ports": ["8080:80"]})  # fmt: skip
-        lab.converge()
-        outside = lab.add_fabric_namespace("out", "192.168.100.200")
-        replicas = {t["container"] for t in mgr.get("/services/front/tasks")}
-        lines, seen_all, ok = [], set(), True
-        for host in lab.hosts:
-            seen = set()
-            for _ in range(4):
-                r = subprocess.run(
-                    ["ip", "netns", "exec", outside, "curl", "-s", "--max-time", "3",
-                     f"http://{lab.host_address(host)}:8080/"],
-                    capture_output=True, text=True, timeout=20, check=False,
-                )  # fmt: skip
-                seen |= {ln.split(": ")[1] for ln in r.stdout.splitlines() if "Hostname" in ln}
-            has_task = any(t["node"] == host for t in mgr.get("/services/front/tasks"))
-            where = "runs a task" if has_task else "runs no task"
-            lines.append(f"curl {lab.host_address(host)}:8080 ({host}, {where}): {sorted(seen)}")
-            ok &= bool(seen)
-            seen_all |= seen
-        lines.append("host DNAT -> ingress sandbox -> ingress VIP -> a task anywhere")
-        return ok and seen_all == replicas, lines
-
-    tour.step(
-        "The routing mesh: a client outside the swarm reaches a task through any host's :8080",
-        "vxnet service create --name front --replicas 2 -p 8080:80 whoami; curl hN:8080",
-        mesh,
-    )
+    services_tour(tour, lab, web)
 
     def isolation() -> tuple[bool, list[str]]:
         target = web[0]["ip"]
@@ -351,7 +335,7 @@ def _tour(tour: Tour, lab: Lab) -> None:
         lab.run("h1", "vault", "secretnet", "echo")
         lab.run("h2", "teller", "secretnet", "idle")
         vault = lab.find("vault")
-        proc = start_capture(lab.fabric_netns, "h2", count=40, timeout=5, udp_port=None)
+        proc = start_capture(lab.fabric_netns, "h2d", count=40, timeout=5, udp_port=None)
         r = lab.exec("teller", ["ping", "-c", "3", "-i", "0.2", "-W", "2", vault["ip"]])
         frames = [f for f in finish_capture(proc, 5) if len(f) > 34 and f[23] == 50]
         lines = [
@@ -361,6 +345,10 @@ def _tour(tour: Tour, lab: Lab) -> None:
         if not frames:
             return False, [*lines, "no ESP (IP protocol 50) seen on the fabric"]
         lines += explain_esp(frames[0], lab.client("h2").get("/swarm/keys?show=1"))
+        lines.append(
+            "standalone containers on it: --opt encrypted --attachable; the cost of it: "
+            "`vxnet bench --encrypted`; (Docker's Windows nodes cannot join: none here)"
+        )
         return r.returncode == 0 and any("VNI" in ln for ln in lines), lines
 
     tour.step(
@@ -384,6 +372,8 @@ def _tour(tour: Tour, lab: Lab) -> None:
         "vxnet swarm update --key-rotation-interval 1s; vxnet -H h3 swarm keys",
         keys,
     )
+
+    customise_ingress_tour(tour, lab)
 
     def failure() -> tuple[bool, list[str]]:
         pid = lab.state["hosts"]["h3"]["pid"]
@@ -436,6 +426,22 @@ def _tour(tour: Tour, lab: Lab) -> None:
         "vxnet -H h2 dataplane stats",
         stats,
     )
+
+
+def _udp_ports(frames: list[bytes]) -> Counter[int]:
+    """How many captured IPv4/UDP frames went to or came from 7946 and 4789."""
+    out: Counter[int] = Counter({7946: 0, 4789: 0})
+    for f in frames:
+        if len(f) < 42 or f[12:14] != b"\x08\x00" or f[23] != 17:
+            continue
+        ihl = (f[14] & 0x0F) * 4
+        ports = {
+            int.from_bytes(f[14 + ihl : 16 + ihl], "big"),
+            int.from_bytes(f[16 + ihl : 18 + ihl], "big"),
+        }
+        for p in ports & {7946, 4789}:
+            out[p] += 1
+    return out
 
 
 def explain_gossip(frame: bytes, keys: list[dict[str, object]]) -> list[str]:

@@ -243,3 +243,18 @@ def test_a_joiner_that_knows_one_peer_gets_every_owners_entries_from_it() -> Non
     assert e1 is not None and e1.hidden  # n1's entry came from n0: kept, not shown, for now
     late.node_alive("n1")
     assert c.visible("n2", "blue") == {"e0": b"x", "e1": b"y"}
+
+
+def test_nodes_on_a_network_push_their_table_to_a_node_that_joins_it() -> None:
+    """A joiner that knows no peer of the network yet (a new ingress created on every node at
+    once) still gets the table: those already on it push it when they hear the join."""
+    c = Cluster(3)
+    for name in ("n0", "n1"):
+        c.dbs[name].join_network("green", c.now)
+        c.dbs[name].create_entry("green", PEER_TABLE, f"e-{name}", name.encode(), c.now)
+    c.run(2.0)
+    late = c.dbs["n2"]
+    late.attachments.clear()  # it has not heard who is on green: it can sync with nobody
+    late.join_network("green", c.now)
+    c.run(0.2)
+    assert c.visible("n2", "green") == {"e-n0": b"n0", "e-n1": b"n1"}

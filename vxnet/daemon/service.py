@@ -156,6 +156,11 @@ class Daemon:
 
     async def ensure_network(self, spec: NetworkSpec, network_id: str | None = None) -> None:
         """Program a swarm network (idempotent; a changed definition replaces the old one)."""
+        # a removed network whose VNI the manager gave again (ingress removed and re-created):
+        # retire it first, or removing it later would take the new one's VNI with it
+        for name, other in list(self.networks.items()):
+            if name != spec.name and other.vni == spec.vni and name in self.swarm_networks:
+                await self._retire_network(name)
         if network_id is not None:
             self.network_ids[spec.name] = network_id
             self.network_names[network_id] = spec.name
@@ -169,6 +174,20 @@ class Daemon:
             self.networks[spec.name] = spec
             self.swarm_networks.add(spec.name)
         await self.adoption.try_adopt()
+
+    async def _retire_network(self, name: str) -> None:
+        """Remove a swarm network the manager no longer has (its only user can be the node's
+        ingress sandbox: the manager refuses to remove a network that tasks use)."""
+        if self.mesh.sandbox is not None and self.mesh.sandbox.network == name:
+            await self.mesh.remove_sandbox()
+        async with self.lock:
+            spec = self.networks.pop(name, None)
+            self.swarm_networks.discard(name)
+            self.network_names.pop(self.network_ids.pop(name, ""), None)
+            if spec is not None:
+                await self.program(RemoveNetwork(spec.vni))
+                if self.discovery is not None:
+                    self.discovery.forget_network(name, spec.vni)
 
     async def prune_networks(self, keep: set[str]) -> None:
         """Remove swarm networks not in ``keep`` that no local container uses any more."""

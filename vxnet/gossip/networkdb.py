@@ -338,6 +338,11 @@ class NetworkDB:
             return
         leaving = _str(msg, "k") == "leave"
         nodes[node] = (ltime, leaving)
+        if not leaving and network in self.networks and (current is None or current[1]):
+            # a node (re)joined a network we are on: push it our table at once.  Without this,
+            # nodes joining one network together (a new ingress on every node) each synced
+            # with the peers they happened to know first, and the rest waited 30 s.
+            self._bulk_sync(network, response=True, to=node)
         if leaving:
             for key, entry in self.entries.items():
                 if key[0] == network and entry.owner == node and not entry.deleting:
