@@ -165,9 +165,13 @@ def test_bad_faults_are_refused(lab: Lab) -> None:
     assert lab.faults()["rules"] == [] and lab.faults()["partitions"] == []
 
 
+LOSS_SECONDS = float(os.environ.get("VXNET_LOSS_SECONDS", "60"))
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(LOSS_SECONDS + 240)
 def test_ten_percent_loss_everywhere_raises_no_false_death(lab: Lab) -> None:
-    seconds = float(os.environ.get("VXNET_LOSS_SECONDS", "60"))
+    seconds = LOSS_SECONDS
     mgr = lab.manager
     mgr.post("/services", {"name": "lossweb", "image": "whoami", "replicas": 2,
                            "networks": ["front"]})  # fmt: skip

@@ -80,6 +80,7 @@ def lab() -> Iterator[Lab]:
         assert netns.list_with_prefix(builder.prefix(name)) == []
 
 
+@pytest.mark.timeout(SECONDS + 300)
 def test_soak(lab: Lab) -> None:
     rng = random.Random(8)
     names = [f"p{i}" for i in range(1, len(lab.hosts) + 1)]
@@ -96,6 +97,22 @@ def test_soak(lab: Lab) -> None:
                         str(SECONDS - 5)]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    try:
+        _soak(lab, rng, pings, stream)
+    finally:
+        for proc in [*pings.values(), stream]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+def _soak(
+    lab: Lab,
+    rng: random.Random,
+    pings: dict[tuple[str, str], subprocess.Popen[str]],
+    stream: subprocess.Popen[str],
+) -> None:
+    names = [f"p{i}" for i in range(1, len(lab.hosts) + 1)]
     windows: list[tuple[float, float]] = []
     rss: dict[str, list[int]] = {h: [] for h in lab.hosts}
     t0 = time.time()
