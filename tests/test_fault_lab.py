@@ -25,6 +25,7 @@ from tests.conftest import unique_lab_name
 from vxnet import netns
 from vxnet.errors import UsageError
 from vxnet.lab import Lab, builder
+from vxnet.lab.topology import parse_spec
 
 pytestmark = pytest.mark.root
 
@@ -202,3 +203,20 @@ def test_ten_percent_loss_everywhere_raises_no_false_death(lab: Lab) -> None:
     assert suspicions <= seconds  # few: at most one host-second of suspicion per second
     assert r.stdout.split() == ["102400", "True"], r.stdout + r.stderr
     assert len(dig.stdout.split()) == 2, dig.stdout + dig.stderr
+
+
+def test_faults_declared_in_a_lab_file_are_applied_at_lab_up() -> None:
+    name = unique_lab_name("g")
+    spec = parse_spec({
+        "name": name,
+        "host": [{"name": "h1"}, {"name": "h2"}],
+        "container": [{"name": "x", "host": "h1", "network": "front"},
+                      {"name": "y", "host": "h2", "network": "front"}],
+        "fault": [{"link": ["h1", "h2"], "loss": "100%", "seed": 5}],
+    })  # fmt: skip
+    with Lab(spec=spec) as lab:
+        assert [(r["host"], r["peer"]) for r in lab.faults()["rules"]] == [("h1", "h2")]
+        assert ping(lab, "x", "y", 3, 0.2)[1] == 0
+        lab.clear_faults()
+        wait_for(lambda: ping(lab, "x", "y", 2, 0.2) == (2, 2), "traffic after the fault", 30)
+    assert netns.list_with_prefix(builder.prefix(name)) == []

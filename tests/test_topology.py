@@ -51,6 +51,19 @@ def test_swarm_settings() -> None:
     assert parse_spec({}).esp_icv_length == 16
 
 
+def test_faults_in_a_lab_file() -> None:
+    spec = parse_spec({"fault": [
+        {"link": ["h1", "h2"], "loss": "10%", "seed": 3},
+        {"host": "h3", "delay_ms": 50, "jitter_ms": 5, "reorder": "25%"},
+        {"partition": "h1,h2/h3"},
+    ]})  # fmt: skip
+    link, host, part = spec.faults
+    assert link.link == ("h1", "h2") and link.impairment and link.impairment.loss == 0.1
+    assert link.seed == 3
+    assert host.host == "h3" and host.impairment and host.impairment.delay == 0.05
+    assert part.partition == "h1,h2/h3" and part.impairment is None
+
+
 def test_defaults() -> None:
     spec = default_spec("x", 4)
     assert [h.name for h in spec.hosts] == ["h1", "h2", "h3", "h4"]
@@ -83,6 +96,15 @@ def test_defaults() -> None:
         ({"swarm": {"esp_icv_length": 12}}, "esp_icv_length must be 8"),
         ({"swarm": {"esp_icv_length": "8"}}, "must be a int"),
         ({"swarm": {"icv": 8}}, "esp_icv_length"),
+        ({"fault": [{"loss": "10%"}]}, "exactly one of host, link or partition"),
+        ({"fault": [{"host": "h9", "loss": "10%"}]}, "no host"),
+        ({"fault": [{"host": "h1"}]}, "give loss"),
+        ({"fault": [{"link": ["h1", "h1"], "loss": "1%"}]}, "two of the lab's hosts"),
+        ({"fault": [{"partition": "h1"}]}, "partition like"),
+        ({"fault": [{"host": "h1", "loss": "200%"}]}, "0-100%"),
+        ({"fault": [{"host": "h1", "delay_ms": "fast"}]}, "milliseconds"),
+        ({"fault": [{"host": "h1", "reorder": "5%"}]}, "needs --delay"),
+        ({"fault": {"host": "h1"}}, "array of tables"),
     ],
 )
 def test_bad_lab_files_are_explained(data: dict[str, Any], needle: str) -> None:

@@ -64,6 +64,13 @@ class Lab:
         try:
             for c in spec.containers:
                 self.run(c.host, c.name, c.network, c.image, ip=c.ip)
+            for f in spec.faults:  # the lab file's [[fault]]s, as `vxnet lab fault` would
+                if f.partition is not None:
+                    fault.add_partition(self.name, f.partition)
+                elif f.impairment is not None:
+                    fault.add_impairment(
+                        self.name, f.impairment, host=f.host, link=f.link, seed=f.seed
+                    )
         except BaseException:
             self.down()
             raise

@@ -19,6 +19,9 @@ mtu = 1450                           # optional: the network (inner) MTU
 enabled = true                       # false: manual mode, the lab programs every FDB itself
 key_rotation_interval = "12h"        # e.g. "2s" to watch rotations
 esp_icv_length = 16                  # ESP's integrity tag: 16 bytes, or 8 as Docker
+[[fault]]                            # optional: applied once the lab is up (vxnet lab fault)
+link = ["h1", "h2"]                  # or host = "h1", or partition = "h1,h2/h3"
+loss = "10%"                         # and/or delay_ms, jitter_ms, duplicate, reorder, seed
 [[container]]                        # optional: started by `lab up`
 name = "web1"
 host = "h1"
@@ -39,6 +42,7 @@ from typing import Any
 from vxnet.daemon.containers import check_name
 from vxnet.dataplane.tables import DEFAULT_MTU, VXLAN_OVERHEAD
 from vxnet.errors import UsageError
+from vxnet.lab.impair import Impairment, parse_percent
 
 LAB_NAME_RE = re.compile(r"^[a-z0-9]{1,12}$")
 HOST_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -84,7 +88,19 @@ class LabSpec:
     esp_icv_length: int = 16  # 8 as Docker (encrypted MTU 1424), 16 by default (1416)
     #: a second underlay for VXLAN/ESP only (`--data-path-addr`); None: one underlay for all
     data_subnet: ipaddress.IPv4Network | None = None
+    faults: tuple[FaultDecl, ...] = ()  # applied once the lab is up (`vxnet lab fault`)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDecl:
+    """A ``[[fault]]`` of a lab file: an impairment on a host or a link, or a partition."""
+
+    impairment: Impairment | None = None
+    host: str | None = None
+    link: tuple[str, str] | None = None
+    partition: str | None = None
+    seed: int | None = None
 
 
 DEFAULT_NETWORKS = (
@@ -145,7 +161,7 @@ def parse_spec(
     hosts: int | None = None,
     source: str = "lab file",
 ) -> LabSpec:
-    known = {"name", "underlay", "host", "network", "container", "swarm", "check"}
+    known = {"name", "underlay", "host", "network", "container", "swarm", "check", "fault"}
     unknown = set(data) - known
     if unknown:
         raise UsageError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -197,8 +213,64 @@ def parse_spec(
         rotation,
         icv,
         data_subnet,
+        _parse_faults(data.get("fault", []), {h.name for h in host_specs}, source),
         extra={"check": data["check"]} if "check" in data else {},  # vxnet.lab.validate parses
     )
+
+
+FAULT_KEYS = {"host", "link", "partition", "loss", "delay_ms", "jitter_ms", "duplicate",
+              "reorder", "seed"}  # fmt: skip
+
+
+def _parse_faults(rows: Any, hosts: set[str], source: str) -> tuple[FaultDecl, ...]:
+    """``[[fault]]``: ``host = "h1"`` or ``link = ["h1", "h2"]`` with ``loss = "10%"``,
+    ``delay_ms``, ``jitter_ms``, ``duplicate``, ``reorder``, ``seed``; or ``partition``."""
+    if not isinstance(rows, list):
+        raise UsageError(f"{source}: [[fault]] must be an array of tables")
+    out = []
+    for i, row in enumerate(rows, start=1):
+        where = f"{source} fault #{i}"
+        if not isinstance(row, dict) or set(row) - FAULT_KEYS:
+            raise UsageError(f"{where}: keys are {', '.join(sorted(FAULT_KEYS))}")
+        places = [k for k in ("host", "link", "partition") if k in row]
+        if len(places) != 1:
+            raise UsageError(f"{where}: say exactly one of host, link or partition")
+        seed = _get(row, "seed", int, where, 1) if "seed" in row else None
+        if "partition" in row:
+            text = _get(row, "partition", str, where)
+            names = text.replace("/", ",").split(",")
+            if "/" not in text or not all(n in hosts for n in names):
+                raise UsageError(f'{where}: partition like "h1,h2/h3" with the lab\'s hosts')
+            out.append(FaultDecl(partition=text, seed=seed))
+            continue
+        percents = {}
+        for key in ("loss", "duplicate", "reorder"):
+            value = row.get(key, "0%")
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise UsageError(f'{where}: {key} is a percentage such as "10%"')
+            percents[key] = parse_percent(str(value), key)
+        delays = {}
+        for key in ("delay_ms", "jitter_ms"):
+            value = row.get(key, 0)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise UsageError(f"{where}: {key} is a number of milliseconds")
+            delays[key] = float(value) / 1000
+        imp = Impairment(percents["loss"], delays["delay_ms"], delays["jitter_ms"],
+                         percents["duplicate"], percents["reorder"])  # fmt: skip
+        if not imp.active:
+            raise UsageError(f"{where}: give loss, delay_ms or duplicate")
+        if "host" in row:
+            host = _get(row, "host", str, where)
+            if host not in hosts:
+                raise UsageError(f"{where}: no host {host!r}")
+            out.append(FaultDecl(imp, host=host, seed=seed))
+        else:
+            link = row["link"]
+            if not (isinstance(link, list) and len(link) == 2 and set(link) <= hosts
+                    and link[0] != link[1]):  # fmt: skip
+                raise UsageError(f'{where}: link = ["hA", "hB"], two of the lab\'s hosts')
+            out.append(FaultDecl(imp, link=(str(link[0]), str(link[1])), seed=seed))
+    return tuple(out)
 
 
 def _parse_hosts(
