@@ -7,7 +7,6 @@ Layers: this trio service owns the control side and the HTTP API; the frames mov
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -21,29 +20,27 @@ import trio
 
 from vxnet import __version__, netns
 from vxnet.daemon import containers as ctr
+from vxnet.daemon import views
 from vxnet.daemon.adopt import Adoption
 from vxnet.daemon.http import Request, Router, serve_http
 from vxnet.daemon.localnets import LocalNetworks
 from vxnet.daemon.mesh import Mesh, PortSpec, parse_publish
 from vxnet.daemon.peers import Peers
 from vxnet.daemon.swarm import Swarm
+from vxnet.daemon.views import body_field, body_strings
 from vxnet.dataplane.engine import PATHS, Dataplane
 from vxnet.dataplane.tables import (
     DEFAULT_MTU,
     AddNetwork,
-    AddPeer,
     AddPort,
-    LbSettings,
     NetworkSpec,
     RemoveNetwork,
-    RemovePeer,
     RemovePort,
     TableUpdate,
     endpoint_mac,
 )
 from vxnet.dns.server import check_upstreams
 from vxnet.errors import Conflict, NotFound, UsageError
-from vxnet.wire.ethernet import mac_from_str
 from vxnet.wire.vxlan import VNI_MAX
 
 if TYPE_CHECKING:
@@ -66,34 +63,14 @@ class DaemonConfig:
     gso: Literal["auto", "segment"] = "auto"  # segment: the Python fallback, forced
 
 
-def _strings(body: Any, key: str) -> list[str]:
-    value = _field(body, key, list, required=False) or []
-    if not all(isinstance(v, str) for v in value):
-        raise UsageError(f"field {key!r} must be a list of strings")
-    return list(value)
-
-
-def _field(body: Any, key: str, kind: type, required: bool = True) -> Any:
-    if not isinstance(body, dict):
-        raise UsageError("request body must be a JSON object")
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise UsageError(f"missing field {key!r}")
-        return None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UsageError(f"field {key!r} must be {kind.__name__}")
-    return value
-
-
 def parse_network(body: Any) -> NetworkSpec:
-    name = ctr.check_name("network", _field(body, "name", str))
-    vni = _field(body, "vni", int)
+    name = ctr.check_name("network", body_field(body, "name", str))
+    vni = body_field(body, "vni", int)
     if not 1 <= vni <= VNI_MAX:
         raise UsageError(f"VNI {vni} out of range 1-{VNI_MAX}")
     try:
-        subnet = ipaddress.IPv4Network(_field(body, "subnet", str))
-        gw_text = _field(body, "gateway", str, required=False)
+        subnet = ipaddress.IPv4Network(body_field(body, "subnet", str))
+        gw_text = body_field(body, "gateway", str, required=False)
         gateway = ipaddress.IPv4Address(gw_text) if gw_text else next(subnet.hosts())
     except (ValueError, StopIteration) as exc:
         raise UsageError(f"bad subnet or gateway: {exc}") from None
@@ -101,7 +78,7 @@ def parse_network(body: Any) -> NetworkSpec:
         raise UsageError(
             f"gateway {gateway} must be a host address of subnet {subnet} (/30 or larger)"
         )
-    mtu = _field(body, "mtu", int, required=False) or DEFAULT_MTU
+    mtu = body_field(body, "mtu", int, required=False) or DEFAULT_MTU
     if not MIN_MTU <= mtu <= 65535 - 50:
         raise UsageError(f"MTU {mtu} out of range {MIN_MTU}-{65535 - 50}")
     return NetworkSpec(name=name, vni=vni, subnet=subnet, gateway=gateway, mtu=mtu)
@@ -218,6 +195,7 @@ class Daemon:
 
     def _routes(self) -> None:
         r = self.router
+        views.register(self, r)  # the read side, the FDB by hand, local networks, LB settings
         r.route("GET", "/info")(self.info)
         r.route("GET", "/networks")(self.list_networks)
         r.route("POST", "/networks")(self.create_network)
@@ -227,73 +205,6 @@ class Daemon:
         r.route("GET", "/containers/{name}")(self.inspect_container)
         r.route("POST", "/containers/{name}/stop")(self.stop_container)
         r.route("DELETE", "/containers/{name}")(self.remove_container)
-        r.route("GET", "/fdb")(self.list_fdb)
-        r.route("POST", "/fdb")(self.add_fdb)
-        r.route("DELETE", "/fdb/{network}/{mac}")(self.remove_fdb)
-        r.route("GET", "/dataplane/stats")(self.stats)
-        r.route("GET", "/mesh")(self.mesh_info)
-        r.route("GET", "/adoption")(self.adoption_info)
-        r.route("GET", "/endpoints")(self.endpoints)
-        r.route("GET", "/discovery")(self.discovery_info)
-        r.route("GET", "/dataplane/lb")(self.lb_info)
-        r.route("POST", "/dataplane/lb/settings")(self.lb_settings)
-        r.route("GET", "/local-networks")(self.list_local_networks)
-        r.route("POST", "/local-networks")(self.create_local_network)
-        r.route("GET", "/local-networks/{name}")(self.inspect_local_network)
-        r.route("DELETE", "/local-networks/{name}")(self.remove_local_network)
-
-    async def endpoints(self, req: Request) -> Any:
-        """Every endpoint this node publishes to its peers: containers' interfaces, the
-        ingress sandbox's, and its load-balancer addresses."""
-        out = [
-            {"owner": c.name, "network": e.network, "ip": e.ip, "mac": e.mac}
-            for c in self.containers.values()
-            for e in c.endpoints
-        ]
-        if self.discovery is not None:
-            out += [
-                {"owner": f"lb-{net}", "network": net, "ip": str(ip),
-                 "mac": endpoint_mac(ip).hex(":")}
-                for net, ip in self.discovery.lb_addresses.items()
-                if not self.swarm_ingress(net)
-            ]  # fmt: skip
-        return out
-
-    async def adoption_info(self, req: Request) -> Any:
-        return self.adoption.to_json()
-
-    async def mesh_info(self, req: Request) -> Any:
-        return self.mesh.to_json()
-
-    async def discovery_info(self, req: Request) -> Any:
-        if self.discovery is None:
-            raise NotFound("service discovery runs once this node is in a swarm and gossips")
-        return self.discovery.to_json()
-
-    async def lb_info(self, req: Request) -> Any:
-        switch = self.dataplane.switch
-        return {
-            "services": switch.lb_table(),
-            "connections": switch.conntrack(),
-            "settings": dataclasses.asdict(switch.lb_settings),
-        }
-
-    async def lb_settings(self, req: Request) -> Any:
-        """Change the load balancer's idle timeouts (seconds) or table size on this node."""
-        body = req.body if isinstance(req.body, dict) else {}
-        current = dataclasses.asdict(self.dataplane.switch.lb_settings)
-        unknown = set(body) - set(current)
-        if unknown:
-            raise UsageError(f"unknown settings {sorted(unknown)}: known are {sorted(current)}")
-        for key, value in body.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise UsageError(f"{key} must be a positive number")
-        settings = LbSettings(**{**current, **body})
-        if settings.max_connections != int(settings.max_connections):
-            raise UsageError("max_connections must be a whole number")
-        await self.program(dataclasses.replace(settings, max_connections=int(
-            settings.max_connections)))  # fmt: skip
-        return dataclasses.asdict(self.dataplane.switch.lb_settings)
 
     async def info(self, req: Request) -> Any:
         c = self.config
@@ -363,16 +274,16 @@ class Daemon:
 
     async def create_container(self, req: Request) -> Any:
         body = req.body
-        name = ctr.check_name("container", _field(body, "name", str))
-        image = _field(body, "image", str)
-        cmd = _field(body, "cmd", list, required=False) or []
+        name = ctr.check_name("container", body_field(body, "name", str))
+        image = body_field(body, "image", str)
+        cmd = body_field(body, "cmd", list, required=False) or []
         if not all(isinstance(a, str) for a in cmd):
             raise UsageError("field 'cmd' must be a list of strings")
-        network = _field(body, "network", str)
-        wanted = _field(body, "ip", str, required=False)
-        publish = [parse_publish(p) for p in _strings(body, "publish")]
-        aliases = [ctr.check_name("network alias", a) for a in _strings(body, "aliases")]
-        dns = _strings(body, "dns")
+        network = body_field(body, "network", str)
+        wanted = body_field(body, "ip", str, required=False)
+        publish = [parse_publish(p) for p in body_strings(body, "publish")]
+        aliases = [ctr.check_name("network alias", a) for a in body_strings(body, "aliases")]
+        dns = body_strings(body, "dns")
         check_upstreams([(ip, 53) for ip in dns])
         swarm_net = network in self.swarm_networks or network not in self.networks
         if swarm_net and self.attacher is not None:
@@ -551,62 +462,6 @@ class Daemon:
             )
         await self.destroy(c.name)
         return {"removed": c.name}
-
-    async def list_local_networks(self, req: Request) -> Any:
-        return list(self.localnets.items.values())
-
-    async def create_local_network(self, req: Request) -> Any:
-        body = req.body
-        options = _field(body, "options", dict, required=False) or {}
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in options.items()):
-            raise UsageError("options must map strings to strings")
-        return self.localnets.create(
-            _field(body, "name", str),
-            _field(body, "subnet", str, required=False),
-            _field(body, "gateway", str, required=False),
-            options,
-        )
-
-    async def inspect_local_network(self, req: Request) -> Any:
-        return self.localnets.get(req.params["name"])
-
-    async def remove_local_network(self, req: Request) -> Any:
-        self.localnets.remove(req.params["name"])
-        return {"removed": req.params["name"]}
-
-    async def list_fdb(self, req: Request) -> Any:
-        return self.dataplane.fdb()
-
-    async def add_fdb(self, req: Request) -> Any:
-        body = req.body
-        spec = self._network(_field(body, "network", str))
-        mac = mac_from_str(_field(body, "mac", str))
-        try:
-            ip = ipaddress.ip_address(_field(body, "ip", str))
-            vtep = ipaddress.IPv4Address(_field(body, "vtep", str))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        origin = _field(body, "origin", str, required=False) or "manual"
-        if origin not in ("lab", "manual"):
-            raise UsageError("origin must be 'lab' or 'manual'")
-        if isinstance(ip, ipaddress.IPv4Address) and ip not in spec.subnet:
-            raise UsageError(f"{ip} is not in network {spec.name} ({spec.subnet})")
-        if mac[0] & 1:
-            raise UsageError("an FDB entry needs a unicast MAC address")
-        await self.program(AddPeer(spec.vni, mac, ip, vtep, origin))  # type: ignore[arg-type]
-        return {"network": spec.name, "mac": mac.hex(":"), "ip": str(ip), "vtep": str(vtep)}
-
-    async def remove_fdb(self, req: Request) -> Any:
-        spec = self._network(req.params["network"])
-        mac = mac_from_str(req.params["mac"])
-        await self.program(RemovePeer(spec.vni, mac))
-        return {"removed": mac.hex(":")}
-
-    async def stats(self, req: Request) -> Any:
-        out = self.dataplane.stats()
-        out["host"] = self.config.host
-        out["update_errors"] = self.dataplane.update_errors
-        return out
 
     async def reap(self) -> None:
         """Notice containers whose main process exited (and reap the zombies)."""
