@@ -25,10 +25,10 @@ from vxnet.daemon.agent import Agent, NodeFiles
 from vxnet.daemon.discovery import Discovery
 from vxnet.daemon.http import Request
 from vxnet.daemon.peers import Peers
-from vxnet.dns.records import decode_endpoint_record_untrusted
+from vxnet.daemon.tables_view import table_rows
 from vxnet.errors import BadPacket, Conflict, UsageError, VxnetError
 from vxnet.esp.sa import DEFAULT_ICV_LEN
-from vxnet.gossip.networkdb import TableEvent, decode_peer_record_untrusted
+from vxnet.gossip.networkdb import TableEvent
 from vxnet.gossip.service import GOSSIP_PORT, GossipService
 from vxnet.manager import networks as nets
 from vxnet.manager import pki, services, tokens
@@ -419,47 +419,8 @@ class Swarm:
         """Every networkdb entry this node holds (tombstones and hidden ones too, marked)."""
         if self.gossip is None:
             raise Conflict("this node does not gossip yet (not in a swarm, or no keys yet)")
-        wanted = req.query.get("network")
-        names = self.daemon.network_names
-        rows = []
-        for (net, table, key), entry in sorted(self.gossip.db.entries.items()):
-            name = names.get(net, net)
-            if wanted and wanted not in (net, name):
-                continue
-            row: dict[str, Any] = {
-                "network": name,
-                "network_id": net,
-                "table": table,
-                "key": key,
-                "owner": entry.owner,
-                "ltime": entry.ltime,
-                "deleting": entry.deleting,
-                "hidden": entry.hidden,
-            }
-            if table == "endpoint_table" and not entry.deleting:
-                try:
-                    ep = decode_endpoint_record_untrusted(entry.value)
-                    row.update(
-                        name=ep.name,
-                        service_name=ep.service_name,
-                        endpoint_ip=ep.endpoint_ip,
-                        virtual_ip=ep.virtual_ip,
-                        service_disabled=ep.service_disabled,
-                    )
-                except BadPacket as exc:
-                    row["value_error"] = exc.reason
-            if table == "overlay_peer_table":
-                try:
-                    rec = decode_peer_record_untrusted(entry.value)
-                    row.update(
-                        endpoint_ip=rec.endpoint_ip,
-                        endpoint_mac=rec.endpoint_mac,
-                        tunnel_endpoint_ip=rec.tunnel_endpoint_ip,
-                    )
-                except BadPacket as exc:
-                    row["value_error"] = exc.reason
-            rows.append(row)
-        return rows
+        return table_rows(self.gossip.db.entries, self.daemon.network_names,
+                          req.query.get("network"))  # fmt: skip
 
     async def h_nodes(self, req: Request) -> Any:
         return self._require_manager().nodes()
