@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from vxnet import netns
+from vxnet.capture import finish_capture, start_capture
 from vxnet.client import DaemonClient
 from vxnet.errors import Conflict, LabError, NotFound, UsageError
 from vxnet.lab import builder, fault
@@ -371,6 +372,70 @@ class Lab:
     def faults(self) -> dict[str, Any]:
         return fault.show(self.name)
 
+    # -------------------------------------------------------- swarm networks and services
+
+    def create_network(
+        self,
+        name: str,
+        *,
+        attachable: bool = True,
+        encrypted: bool = False,
+        subnet: str | None = None,
+        options: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """``vxnet network create -d overlay [--attachable] [--opt encrypted] NAME``."""
+        opts = [*options, *(["encrypted"] if encrypted else [])]
+        body = {"name": name, "attachable": attachable, "subnet": subnet, "options": opts}
+        net: dict[str, Any] = self.manager.post("/swarm/networks", body)
+        return net
+
+    def create_service(
+        self,
+        name: str,
+        image: str = "whoami",
+        *,
+        replicas: int | None = None,
+        networks: Sequence[str] = (),
+        ports: Sequence[str] = (),
+        mode: str = "replicated",
+        endpoint_mode: str = "vip",
+    ) -> dict[str, Any]:
+        """``vxnet service create``; returns once every task runs and peers are programmed."""
+        body = {"name": name, "image": image, "replicas": replicas, "networks": list(networks),
+                "ports": list(ports), "mode": mode, "endpoint_mode": endpoint_mode}  # fmt: skip
+        svc: dict[str, Any] = self.manager.post("/services", body)
+        self.converge()
+        return svc
+
+    def scale_service(self, name: str, replicas: int) -> None:
+        self.manager.post(f"/services/{name}/scale", {"replicas": replicas})
+        self.converge()
+
+    def remove_service(self, name: str) -> None:
+        self.manager.delete(f"/services/{name}")
+        self.converge()
+
+    # ------------------------------------------------------------------------ captures
+
+    def capture(
+        self,
+        on: str = "fabric",
+        count: int = 100,
+        timeout: float = 3.0,
+        udp_port: int | None = None,
+    ) -> Capture:
+        """Start capturing frames: on the whole ``fabric``, a host's fabric port, or a
+        container's ``eth0``.  ``with lab.capture(...) as cap: ...`` then ``cap.frames``; dissect
+        them with :func:`vxnet.trace.describe` (or ``vxnet trace`` on the command line)."""
+        if on == "fabric":
+            where = (self.fabric_netns, builder.FABRIC_BRIDGE)
+        elif on in self.state["hosts"]:
+            where = (self.fabric_netns, str(self.state["hosts"][on]["fabric_port"]))
+        else:
+            where = (str(self.find(on)["netns"]), "eth0")
+        return Capture(start_capture(*where, count=count, timeout=timeout, udp_port=udp_port),
+                       timeout)  # fmt: skip
+
     # ----------------------------------------------------- extra namespaces on the fabric
 
     def add_fabric_namespace(self, suffix: str, address: str) -> str:
@@ -390,3 +455,19 @@ class Lab:
         prefixlen = ipaddress.IPv4Network(self.state["underlay"]["subnet"]).prefixlen
         netns.add_address(ns, "eth0", address, prefixlen)
         return ns
+
+
+class Capture:
+    """A capture running in the background; its frames once the ``with`` block ends."""
+
+    def __init__(self, proc: subprocess.Popen[str], timeout: float) -> None:
+        self._proc = proc
+        self._timeout = timeout
+        self.frames: list[bytes] = []
+
+    def __enter__(self) -> Capture:
+        time.sleep(0.2)  # the capturing socket is open before the caller sends anything
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.frames = finish_capture(self._proc, self._timeout)
