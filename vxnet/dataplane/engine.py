@@ -100,6 +100,7 @@ class Dataplane:
             send_offload=send_offload,
             is_vnet=has_vnet_hdr,
         )
+        self.switch.coalesce_rx()
         self._ipsec_keys: tuple[tuple[int, bytes], ...] = ()
         self._icv_len = 16  # the swarm's ESP ICV length, with the keys
         self._pending: collections.deque[TableUpdate] = collections.deque()
@@ -139,7 +140,7 @@ class Dataplane:
         if self.switch.sadb is None and self._ipsec_keys:
             self._set_ipsec_keys(SetIpsecKeys(self._ipsec_keys, self._icv_len))
 
-    def _send_esp(self, packet: bytes, vtep: str) -> int:
+    def _send_esp(self, packet: Buf, vtep: str) -> int:
         return self._esp.sendto(packet, (vtep, 0))
 
     def _set_ipsec_keys(self, update: SetIpsecKeys) -> None:
@@ -252,6 +253,7 @@ class Dataplane:
                         except BlockingIOError:
                             break
                         switch.from_esp(view[:n], src[0])
+                    switch.flush_rx()  # segments merged while draining go to their TAPs
                 elif fd == sock_fd:
                     for _ in range(BATCH):
                         try:

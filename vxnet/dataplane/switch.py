@@ -21,6 +21,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from vxnet.dataplane.gro import Coalescer
 from vxnet.dataplane.gso import finish_checksum, segment_tcp
 from vxnet.dataplane.lb import LoadBalancer, Vip, check_settings
 from vxnet.dataplane.proxy import (
@@ -55,14 +56,14 @@ VXLAN_HLEN = 8
 Buf = bytes | bytearray | memoryview
 #: ``(fd, virtio_net_hdr or b"", frame)``: one frame (or super-frame) to a TAP.
 WriteFd = Callable[[int, Buf, Buf], int]
-SendEsp = Callable[[bytes, str], int]
+SendEsp = Callable[[Buf, str], int]
 #: ``(virtio_net_hdr, frame, (VTEP, port), VXLAN header)``: a frame with offload state.
 SendOffload = Callable[[Buf, Buf, tuple[str, int], bytes], int]
 LAZY_ESP_PEERS = 64  # sources whose SAs may be derived from a first packet, at most
 _UDP = struct.Struct("!HHHH")
 
 
-def _no_esp_socket(packet: bytes, vtep: str) -> int:
+def _no_esp_socket(packet: Buf, vtep: str) -> int:
     raise OSError("no ESP socket")
 
 
@@ -206,6 +207,22 @@ class Switch:
         self.counters = Counters()  # frames that belong to no network (bad VXLAN, unknown VNI)
         self.lb_settings = LbSettings()
         self.now = 0.0  # the engine's clock at the last tick()
+        #: Receive coalescing for ESP (the engine turns it on and calls :meth:`flush_rx` after
+        #: every batch of reads); None: every decrypted frame is written on its own.
+        self.gro: Coalescer | None = None
+
+    def coalesce_rx(self) -> None:
+        """Merge decrypted TCP segments into super-frames until :meth:`flush_rx` (``gro.py``)."""
+        self.gro = Coalescer(self._emit_rx)
+
+    def flush_rx(self) -> None:
+        """A batch of reads is over: frames held for merging go to their TAPs now."""
+        if self.gro is not None:
+            self.gro.flush()
+
+    def _emit_rx(self, port: Port, vh: Buf, frame: Buf) -> None:
+        if self._write_raw(port, vh, frame) and vh[1]:
+            port.net.counters.gso_rx += 1
 
     # ----------------------------------------------------------------------------- hot path
 
@@ -300,9 +317,9 @@ class Switch:
             _drop(net.counters, "esp_no_keys")
             return
         n = len(frame)
-        udp = _UDP.pack(self.data_port, self.data_port, 16 + n, 0)  # checksum 0 (RFC 7348)
+        head = _UDP.pack(self.data_port, self.data_port, 16 + n, 0) + net.hdr  # UDP sum 0
         try:
-            packet = sadb.tx(_ip(vtep)).encrypt(udp + net.hdr + frame)
+            packet = sadb.tx(_ip(vtep)).seal(head, frame)  # a view: sent before the next seal
         except SequenceExhausted:
             _drop(net.counters, "esp_seq_exhausted")
             return
@@ -395,6 +412,14 @@ class Switch:
         port = net.local.get(dst)
         if port is None:
             _drop(net.counters, "not_local")
+            return
+        gro = self.gro
+        if encrypted and gro is not None and port.vnet:  # held, merged, written at flush_rx
+            c = net.counters
+            c.rx_frames += 1
+            c.rx_bytes += n - VXLAN_HLEN
+            c.esp_rx += 1
+            gro.push(port, data[VXLAN_HLEN:])
             return
         if self._write_port(port, data[VXLAN_HLEN:]):
             c = net.counters
@@ -665,6 +690,8 @@ class Switch:
         if port is None:
             return None
         self.ports_by_fd.pop(port.fd, None)
+        if self.gro is not None:
+            self.gro.forget(port)
         net = port.net
         if net.local.get(port.mac) is port:
             del net.local[port.mac]

@@ -225,10 +225,22 @@ class SecurityAssociation:
 
         Raises :class:`SequenceExhausted` past 2**32 - 1 without ESN, ``UsageError`` if the
         packet would exceed :data:`MAX_ESP_LEN` or ``next_header`` is not a byte."""
+        return bytes(self.seal(b"", payload, next_header))
+
+    def seal(
+        self,
+        head: bytes | bytearray | memoryview,
+        body: bytes | bytearray | memoryview,
+        next_header: int = NEXT_HEADER_UDP,
+    ) -> memoryview:
+        """:meth:`encrypt` of ``head + body`` for the hot path: the two parts are never joined
+        and the packet is not copied out.  The result is a view of this SA's own buffer, valid
+        until its next ``seal`` or ``encrypt``: send it at once."""
         seq = self._seq + 1
         if seq > self._seq_max:
             raise SequenceExhausted(self.spi)
-        n = len(payload)
+        h = len(head)
+        n = h + len(body)
         pad = -(n + TRAILER_LEN) & 3
         m = n + pad + TRAILER_LEN
         if m > self._capacity:
@@ -239,7 +251,8 @@ class SecurityAssociation:
             raise UsageError(f"next header {next_header!r} is not a byte")
         self._seq = seq
         pt = self._pt
-        pt[0:n] = payload
+        pt[0:h] = head
+        pt[h:n] = body
         pt[n : n + pad] = _PADS[pad]
         pt[n + pad] = pad
         pt[n + pad + 1] = next_header
@@ -253,7 +266,7 @@ class SecurityAssociation:
         else:
             aad = outv[0:HEADER_LEN]
         self._aead.encrypt_into(self._nonce, self._ptv[0:m], aad, outv[_PREFIX : _PREFIX + m + 16])
-        return bytes(outv[0 : _PREFIX + m + self.icv_len])
+        return outv[0 : _PREFIX + m + self.icv_len]
 
     def decrypt_untrusted(self, packet: bytes | bytearray | memoryview) -> tuple[int, bytes]:
         """``(next_header, payload)`` of an ESP packet for this SA, or ``BadPacket(reason)``."""
