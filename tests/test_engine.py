@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import Any
@@ -54,5 +55,25 @@ def test_the_loop_ticks_the_switch_about_once_a_second(monkeypatch: Any) -> None
             time.sleep(0.05)
         assert len(ticks) >= 2 and 0.9 <= ticks[1] - ticks[0] <= 2.5
         assert dp.lb_table() == [] and dp.conntrack() == []
+    finally:
+        dp.close()
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_the_thread_runs_real_time_unless_told_not_to(monkeypatch: Any, setting: str) -> None:
+    """SCHED_FIFO like the kernel's softirqs run ahead of tasks; VXNET_DATAPLANE_RT=0 opts out."""
+    monkeypatch.setenv("VXNET_DATAPLANE_RT", setting)
+    dp = Dataplane("127.0.0.1", 47893)
+    dp.start()
+    try:
+        deadline = time.monotonic() + 5
+        while dp._thread is not None and dp._thread.native_id is None:
+            time.sleep(0.01)
+        assert dp._thread is not None and dp._thread.native_id is not None
+        while time.monotonic() < deadline and dp.stats()["realtime"] != (setting == "1"):
+            time.sleep(0.01)
+        policy = os.sched_getscheduler(dp._thread.native_id)
+        assert dp.stats()["realtime"] is (setting == "1")
+        assert policy == (os.SCHED_FIFO if setting == "1" else os.SCHED_OTHER)
     finally:
         dp.close()
