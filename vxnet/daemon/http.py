@@ -139,7 +139,7 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> Reques
     if chunks:
         try:
             body = json.loads(b"".join(chunks))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nested too deep
             raise HttpError(400, f"request body is not JSON: {exc}") from None
     return Request(head.method.decode(), path, {}, query, body)
 

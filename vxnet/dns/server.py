@@ -223,6 +223,7 @@ class _Service:
     async def serve_udp(self, sock: trio.socket.SocketType) -> None:
         while True:
             data, client = await sock.recvfrom(MAX_MESSAGE)
+            self.resolver.count("udp_queries")
             result = self._handle(data, tcp=False)
             if isinstance(result, Answer):
                 await self._send_udp(sock, result, client)
@@ -264,6 +265,7 @@ class _Service:
                     self.resolver.count("tcp_rejected")
                     conn.close()
                     continue
+                self.resolver.count("tcp_accepted")
                 self.tcp_connections += 1
                 connections.start_soon(self._serve_connection, conn)
 
@@ -278,11 +280,17 @@ class _Service:
             self.tcp_connections -= 1
 
     async def _serve_one(self, conn: trio.socket.SocketType) -> bool:
-        """Answer one message; False when the connection should close."""
+        """Answer one message; False when the connection should close.
+
+        A connection ends in exactly one of ``tcp_closed`` (by the client), ``tcp_malformed``,
+        ``tcp_idle_closed`` or ``tcp_error``: they add up to ``tcp_accepted``.
+        """
         with trio.move_on_after(TCP_IDLE_TIMEOUT):
             message = await read_message(conn)
             if message is None:
+                self.resolver.count("tcp_closed")
                 return False
+            self.resolver.count("tcp_queries")
             result = self._handle(message, tcp=True)
             if isinstance(result, Drop):
                 self.resolver.count("tcp_malformed")

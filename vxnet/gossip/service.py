@@ -49,6 +49,7 @@ TableWatcher = Callable[[TableEvent], Awaitable[None]]
 RECONNECT_INTERVAL = 1.0  # networkdb retries one failed node this often (Docker: 1 s)
 FAILED_NODE_REAP = 24 * 3600.0  # and forgets it after a day (nodeReapInterval)
 
+
 class GossipService:
     """One node's memberlist + networkdb, serving UDP and TCP on ``addr``:``port``."""
 
@@ -260,25 +261,34 @@ class GossipService:
                 )
                 messages = [decode_message_untrusted(m) for m in inner]
             except BadPacket as exc:
+                self.counters["udp_bad_packets"] += 1  # udp_received = accepted + bad
                 self.counters[f"drop_{exc.reason}"] += 1
                 continue
+            self.counters["udp_accepted"] += 1
             self.ml.receive(messages, (src[0], src[1]), trio.current_time())
             await self._flush()
 
     # ---------------------------------------------------------------------- TCP
 
     async def _tcp_handler(self, stream: trio.SocketStream) -> None:
+        """One inbound stream.  Each ends in exactly one of ``tcp_served``,
+        ``tcp_closed_early`` (no message), ``tcp_bad_streams`` or ``tcp_errors``, so they add
+        up to ``tcp_accepted`` once no stream is open."""
+        self.counters["tcp_accepted"] += 1
         try:
             with trio.fail_after(self.config.tcp_timeout):
                 request = await self._read_message(stream)
                 if request is None:
+                    self.counters["tcp_closed_early"] += 1
                     return
                 peer = stream.socket.getpeername()
                 reply = self.ml.receive_stream(request, (peer[0], peer[1]), trio.current_time())
                 if reply is not None:
                     await stream.send_all(self._frame(reply))
+            self.counters["tcp_served"] += 1
             await self._flush()
         except BadPacket as exc:
+            self.counters["tcp_bad_streams"] += 1
             self.counters[f"drop_tcp_{exc.reason}"] += 1
         except (trio.BrokenResourceError, trio.TooSlowError, OSError):
             self.counters["tcp_errors"] += 1

@@ -115,6 +115,10 @@ class Manager:
     # ----------------------------------------------------------------------- connections
 
     async def _connection(self, tcp: trio.SocketStream, limiter: trio.CapacityLimiter) -> None:
+        """One TCP connection.  Each ends in exactly one of ``tls_handshake_failed``,
+        ``bad_frames``, ``refused``, ``connection_lost`` or ``closed`` (the peer hung up, or
+        its join or session ended), so they add up to ``connections`` once none is open."""
+        self.counters["connections"] += 1
         async with limiter:
             stream = trio.SSLStream(tcp, self.ssl_context, server_side=True)
             try:
@@ -122,7 +126,8 @@ class Manager:
                     await stream.do_handshake()
             except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as exc:
                 self.counters["tls_handshake_failed"] += 1
-                log.info("TLS handshake failed: %s", exc)
+                # trio wraps the ssl.SSLError that says why (expired, unknown CA, ...)
+                log.info("TLS handshake failed: %s", exc.__cause__ or exc)
                 await trio.aclose_forcefully(tcp)
                 return
             channel = Channel(stream)
@@ -132,6 +137,7 @@ class Manager:
                 await self._converse(channel, stream)
             except* BadPacket as group:
                 bad = _first(group, BadPacket)
+                self.counters["bad_frames"] += 1
                 self.counters[f"bad_frame_{bad.reason}"] += 1
                 log.info("bad frame from a client: %s", bad)
                 reply = f"bad frame: {bad}"
@@ -139,7 +145,9 @@ class Manager:
                 self.counters["refused"] += 1
                 reply = str(_first(group, VxnetError))
             except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                pass
+                self.counters["connection_lost"] += 1
+            else:
+                self.counters["closed"] += 1
             try:
                 if reply is not None:
                     await _try_send(channel, {"type": "error", "message": reply})
