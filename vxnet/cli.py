@@ -181,7 +181,7 @@ def lab_inspect(ctx: Ctx, name: str | None, fmt: str) -> None:
     _emit(st, fmt, rows)
     if fmt == "table" and (st.get("faults", {}).get("rules") or st.get("faults", {}).get(
             "partitions")):  # fmt: skip
-        from vxnet.cli_fault import print_faults  # noqa: PLC0415 (it imports this module)
+        from vxnet.cli_fault import print_faults
 
         click.echo()
         print_faults(fault.show(st["name"]))
@@ -536,6 +536,14 @@ def _drops(drops: dict[str, int]) -> str:
 )
 @click.option("--no-offload-row", "skip_no_offload", is_flag=True, help="Skip --no-offload.")
 @click.option(
+    "--scale",
+    is_flag=True,
+    help="Instead: a swarm of --hosts hosts x --containers containers, all-pairs reachability, "
+    "bring-up time and memory per host.",
+)
+@click.option("--hosts", type=click.IntRange(2, 64), default=32, help="--scale: hosts.")
+@click.option("--containers", type=click.IntRange(1, 16), default=4, help="--scale: per host.")
+@click.option(
     "--gossip",
     "gossip_args",
     default=None,
@@ -549,10 +557,18 @@ def bench(
     plot_path: str | None,
     encrypted: bool,
     skip_no_offload: bool,
+    scale: bool,
+    hosts: int,
+    containers: int,
     gossip_args: str | None,
 ) -> None:
     """Kernel VXLAN vs vxnet (offloads on, encrypted, offloads off), side by side in one run."""
     from bench.run import run_bench
+
+    if scale:
+        from bench.scale import run_scale
+
+        sys.exit(run_scale(hosts, containers, json_path))
 
     if gossip_args is not None:
         import shlex
