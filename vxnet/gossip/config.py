@@ -44,6 +44,9 @@ class Config:
     encryption_overhead: int = 0  # ENCRYPTION_OVERHEAD when a keyring is set
     dead_node_reclaim_time: float = 0.0
     disable_tcp_pings: bool = False
+    #: Not a memberlist option (memberlist always does it): when True, a ping to a suspect no
+    #: longer carries the accusation (Lifeguard's "buddy system").  For measuring plain SWIM.
+    disable_buddy_system: bool = False
 
     def __post_init__(self) -> None:
         if self.probe_interval <= 0 or self.probe_timeout <= 0:

@@ -18,6 +18,7 @@ applies the tables: ``aliveNode``, ``suspectNode``, ``deadNode`` and ``mergeStat
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import math
 import random
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from vxnet.errors import UsageError
 from vxnet.gossip.awareness import Awareness
 from vxnet.gossip.broadcast import TransmitLimitedQueue
 from vxnet.gossip.config import Config
@@ -40,6 +42,8 @@ from vxnet.gossip.messages import (
 from vxnet.gossip.suspicion import Suspicion, suspicion_timeout
 
 EventKind = Literal["join", "leave", "update"]
+#: Why a member became suspect: our own failed probe, a Suspect message, a pushed dead state.
+SuspectCause = Literal["probe", "message", "push_pull"]
 
 
 class Trigger(enum.Enum):
@@ -140,11 +144,16 @@ _NO_VSN = bytes(6)
 LEAVE_TOKEN = "leave"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def ip_bytes(addr: str) -> bytes:
-    """``"10.0.0.1"`` -> 4 bytes (16 for IPv6), as memberlist puts addresses on the wire."""
+    """``"10.0.0.1"`` -> 4 bytes (16 for IPv6), as memberlist puts addresses on the wire.
+
+    Cached (as :func:`ip_text`): a cluster has few addresses and every record, alive message
+    and push/pull converts them again; a bad address raises, and raising is not cached."""
     return ipaddress.ip_address(addr).packed
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def ip_text(raw: bytes) -> str | None:
     """Wire address bytes -> text, or None if they are not an address (IPv4-mapped -> IPv4)."""
     if len(raw) == 4:
@@ -180,6 +189,18 @@ class MemberEvent:
 
     kind: EventKind
     member: Member
+
+
+@dataclass(frozen=True, slots=True)
+class SuspectEvent:
+    """``member`` went from alive to suspect here, on ``accuser``'s word (memberlist has no
+    such event; only emitted when asked for, see ``Memberlist.report_suspicions``)."""
+
+    member: str
+    accuser: str
+    incarnation: int
+    cause: SuspectCause
+    time: float
 
 
 @dataclass(slots=True)
@@ -259,7 +280,7 @@ class MemberTable:
         broadcasts: TransmitLimitedQueue,
         awareness: Awareness,
         counters: Counter[str],
-        emit: Callable[[MemberEvent], None],
+        emit: Callable[[MemberEvent | SuspectEvent], None],
     ) -> None:
         self.config = config
         self.name = name
@@ -273,6 +294,7 @@ class MemberTable:
         self._counters = counters
         self._emit = emit
         self._incarnation = 0
+        self.report_suspicions = False  # emit a SuspectEvent on alive -> suspect
 
     def __len__(self) -> int:
         """``estNumNodes``: every record, dead and left ones until they are reaped."""
@@ -339,8 +361,23 @@ class MemberTable:
             elif r.state == NodeState.LEFT:
                 self.dead(Dead(r.incarnation, r.name, r.name), now)
             else:  # a pushed dead is only a suspicion here: let the member refute it
-                self.suspect(Suspect(r.incarnation, r.name, self.name), now)
+                self.suspect(Suspect(r.incarnation, r.name, self.name), now, "push_pull")
         return True
+
+    def preload(self, remote: Sequence[PushNodeState], now: float) -> None:
+        """Records for alive members that everyone already knows (a converged cluster):
+        no guard, no event, no broadcast.  Members already known are left as they are."""
+        for r in remote:
+            if r.name in self.by_name:
+                continue
+            addr = ip_text(r.addr)
+            if addr is None or r.state != NodeState.ALIVE or len(r.vsn) < 6:
+                raise UsageError(f"preload: {r.name!r} is not an alive member with an address")
+            node = MemberRecord(r.name, addr, r.port, r.meta or b"", r.vsn[:6], r.incarnation)
+            node.state, node.state_change = NodeState.ALIVE, now
+            self.by_name[r.name] = node
+            self.nodes.append(node)
+        self._rng.shuffle(self.nodes)
 
     # ------------------------------------------------------------------ the three handlers
 
@@ -382,7 +419,7 @@ class MemberTable:
         node.incarnation, node.meta, node.addr, node.port = a.incarnation, meta, addr, a.port
         self._apply(node, t, now, meta_changed=old_meta != meta)
 
-    def suspect(self, s: Suspect, now: float) -> None:
+    def suspect(self, s: Suspect, now: float, cause: SuspectCause = "message") -> None:
         """``suspectNode``."""
         node = self.by_name.get(s.node)
         if node is None or not suspect_accepted(node.incarnation, s.incarnation):
@@ -404,6 +441,8 @@ class MemberTable:
         self._apply(node, t, now)
         self._counters["suspects"] += 1
         self._start_suspicion(s, now)
+        if self.report_suspicions:
+            self._emit(SuspectEvent(s.node, s.from_, s.incarnation, cause, now))
 
     def dead(self, d: Dead, now: float) -> None:
         """``deadNode``."""

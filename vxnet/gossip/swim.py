@@ -54,6 +54,7 @@ from vxnet.gossip.messages import (
     Nack,
     NodeState,
     Ping,
+    PushNodeState,
     PushPull,
     Suspect,
     User,
@@ -65,6 +66,7 @@ from vxnet.gossip.states import (
     MemberEvent,
     MemberRecord,
     MemberTable,
+    SuspectEvent,
     ip_bytes,
     ip_text,
 )
@@ -77,6 +79,7 @@ __all__ = [
     "Memberlist",
     "RemoteState",
     "StreamOp",
+    "SuspectEvent",
     "UserMessage",
 ]
 
@@ -199,7 +202,7 @@ class Memberlist:
         self._awareness = Awareness(config.awareness_max_multiplier)
         self._broadcasts = TransmitLimitedQueue(config.retransmit_mult, self._num_nodes)
         self._user_broadcasts = TransmitLimitedQueue(config.retransmit_mult, self._num_nodes)
-        self._events: list[MemberEvent | UserMessage] = []
+        self._events: list[MemberEvent | UserMessage | SuspectEvent] = []
         self._table = MemberTable(
             config, name, rng, self._broadcasts, self._awareness, self.counters, self._events.append
         )
@@ -289,13 +292,15 @@ class Memberlist:
     def next_timer(self) -> float | None:
         """When :meth:`handle_timer` should next be called."""
         t = self._timers
-        due = [t.probe, t.gossip, t.push_pull]
-        if self._probe is not None:
-            p = self._probe
-            due.append(p.deadline if p.indirect_sent else min(p.timeout_at, p.deadline))
-        due.extend(r.deadline for r in self._relays.values())
-        due.extend(s.deadline for s in self._table.suspicions.values())
-        return min(due)
+        due = min(t.probe, t.gossip, t.push_pull)
+        p = self._probe
+        if p is not None:
+            due = min(due, p.deadline if p.indirect_sent else min(p.timeout_at, p.deadline))
+        if self._relays:
+            due = min(due, *(r.deadline for r in self._relays.values()))
+        if self._table.suspicions:
+            due = min(due, *(s.deadline for s in self._table.suspicions.values()))
+        return due
 
     # ------------------------------------------------------------------ public: outputs
 
@@ -307,7 +312,7 @@ class Memberlist:
         out, self._stream_ops = self._stream_ops, []
         return out
 
-    def take_events(self) -> list[MemberEvent | UserMessage]:
+    def take_events(self) -> list[MemberEvent | UserMessage | SuspectEvent]:
         out = self._events[:]
         self._events.clear()  # the member table appends to this very list
         return out
@@ -400,24 +405,47 @@ class Memberlist:
         """``mergeRemoteState`` for a push/pull received by other means."""
         self._merge(pp, pp.join, now)
 
+    def warm_start(self, members: Sequence[PushNodeState], now: float) -> None:
+        """Start as one node of a cluster that has long been up and converged (simulators).
+
+        ``members`` (alive, with addresses) become known without events or broadcasts, what is
+        queued so far is dropped (our own alive: everyone has it), and the push/pull timer is
+        put at a random phase of its period, as in a cluster that did not start all at once.
+        Joining N nodes for real gossips N alive messages to everyone, a few times each."""
+        self._table.preload(members, now)
+        self._broadcasts.reset()
+        period = push_pull_scale(self.config.push_pull_interval, self._num_nodes())
+        self._timers.push_pull = now + self._rng.random() * period
+        self._timers.push_pull_armed = True
+
+    @property
+    def report_suspicions(self) -> bool:
+        """Emit a :class:`SuspectEvent` whenever a member becomes suspect (off by default:
+        memberlist's delegates hear of joins, leaves and updates only)."""
+        return self._table.report_suspicions
+
+    @report_suspicions.setter
+    def report_suspicions(self, on: bool) -> None:
+        self._table.report_suspicions = on
+
     # ------------------------------------------------------------------ packets in
 
     def _receive_one(self, msg: Message, src: Addr, now: float) -> None:
-        match msg:
-            case Ping():
-                self._on_ping(msg, src)
-            case IndirectPing():
-                self._on_indirect_ping(msg, src, now)
-            case Ack():
-                self._on_ack(msg, now)
-            case Nack():
-                self._on_nack(msg)
+        match msg:  # the most frequent first: piggybacked news, then the probe's messages
             case Alive():
                 self._table.alive(self._fix_port(msg), now)
             case Suspect():
                 self._table.suspect(msg, now)
+            case Ping():
+                self._on_ping(msg, src)
+            case Ack():
+                self._on_ack(msg, now)
             case Dead():
                 self._table.dead(msg, now)
+            case IndirectPing():
+                self._on_indirect_ping(msg, src, now)
+            case Nack():
+                self._on_nack(msg)
             case User():
                 self._events.append(UserMessage(msg.payload, src))
             case _:
@@ -502,7 +530,7 @@ class Memberlist:
         )
         self.counters["probes"] += 1
         ping = self._ping(seq, node.name)
-        if node.state == NodeState.ALIVE:
+        if node.state == NodeState.ALIVE or self.config.disable_buddy_system:
             self._send_msg(node.dest, ping)
         else:  # give a suspect the accusation along with the ping, so it can refute at once
             accuse = encode_message(Suspect(node.incarnation, node.name, self.name))
@@ -568,7 +596,7 @@ class Memberlist:
             else:
                 self._awareness.apply_delta(1)
             self.counters["suspicions_raised"] += 1
-            self._table.suspect(Suspect(probe.incarnation, probe.name, self.name), now)
+            self._table.suspect(Suspect(probe.incarnation, probe.name, self.name), now, "probe")
         if self._timers.probe_pending:
             self._timers.probe_pending = False
             self._start_probe(now)
@@ -584,6 +612,8 @@ class Memberlist:
 
     def _gossip(self, now: float) -> None:
         """``gossip``: queued broadcasts to a few random members (recently dead ones too)."""
+        if not self.num_queued:
+            return  # nothing to send (memberlist draws the nodes first, then sends nothing)
         dead_time = self.config.gossip_to_the_dead_time
 
         def exclude(n: MemberRecord) -> bool:
