@@ -373,7 +373,8 @@ def test_lab_restart_brings_a_killed_daemon_back() -> None:
         r = vxnet_cli(name, "lab", "restart", "h2")
         assert r.returncode == 0, r.stderr
         # the container survived its daemon (persistent TAPs): the new daemon re-adopts it
-        assert "re-adopted (persistent TAPs): b" in r.stdout, r.stdout
+        adopted = next(ln for ln in r.stdout.splitlines() if "re-adopted (persistent TAPs)" in ln)
+        assert "b" in adopted.split(": ", 1)[1].split(", "), r.stdout
         lab.state = builder.load_state(name)
         assert lab.state["hosts"]["h2"]["pid"] != old
         for _ in range(100):  # the restarted node rejoins the swarm by itself

@@ -39,7 +39,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +56,6 @@ pytestmark = pytest.mark.root
 ATTACHABLE = ("red", "blue", "vault")
 SERVICES = {"redweb": "red", "blueweb": "blue", "sealedweb": "sealed"}
 ECHO_PORT, WEB_PORT = 7, 80
-#: Files this module found 0644 under the 0700 run directory (see the xfail test at the end).
-KNOWN_LOOSE = ("lock", "h*/containers/*.log")
 
 #: Runs in a container: ping, TCP and DNS (A and PTR at 127.0.0.11) towards every target.
 PROBE = r"""
@@ -427,8 +424,7 @@ def loose_paths(run: Path) -> list[str]:
 def test_control_sockets_and_state_files_are_root_only(lab: Lab) -> None:
     """The run directory is 0700 and root's; in it, every daemon socket is 0600, every directory
     0700, and every state file (lab.json, each host's containers and networks, its node key and
-    certificates, the manager's store) 0600.  The two kinds of file listed in
-    :data:`KNOWN_LOOSE` are 0644 themselves, reachable by root only through the 0700 parents."""
+    certificates, the manager's store, the lock, the container logs) 0600."""
     run = builder.run_dir(lab.name)
     st = run.stat()
     assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == 0
@@ -437,20 +433,10 @@ def test_control_sockets_and_state_files_are_root_only(lab: Lab) -> None:
         assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
         assert Path(h["state_dir"]).is_relative_to(run)
     loose = loose_paths(run)
-    unexpected = [p for p in loose if not any(fnmatch(p.split()[0], k) for k in KNOWN_LOOSE)]
     total = len([run, *run.rglob("*")])
-    print(f"\nroot-only: {total} paths under {run}; loose themselves, behind 0700: {loose}")
-    assert unexpected == [], unexpected
+    print(f"\nroot-only: {total} paths under {run}")
+    assert loose == [], loose
     assert any(
         p.startswith("h1/swarm/manager.db")
         for p in (str(q.relative_to(run)) for q in run.rglob("*"))
     )
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the lab's lock file (vxnet/lab/__init__.py) and the container logs "
-    "(vxnet/daemon/containers.py) are created 0644; only their 0700 parents keep others out",
-)
-def test_every_file_under_the_run_directory_is_root_only_itself(lab: Lab) -> None:
-    assert loose_paths(builder.run_dir(lab.name)) == []

@@ -221,7 +221,8 @@ def _add_tap(ns: str, endpoint: Endpoint, spec: NetworkSpec) -> int:
 def start_process(ns: str, name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, VXNET_CONTAINER=name, HOSTNAME=name)
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(log_path, "ab") as log:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # root-only, as the rest
+    with os.fdopen(fd, "ab") as log:
         try:
             return subprocess.Popen(
                 netns.exec_argv(ns, argv),

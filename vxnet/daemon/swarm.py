@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from vxnet.daemon.service import Daemon
 
 log = logging.getLogger("vxnet.swarm")
+MANAGER_START_TIMEOUT = 10.0  # seconds `swarm init` waits for 2377 to listen
 
 NOT_MANAGER = (
     "This node is not a swarm manager. Worker nodes can't be used to view or modify cluster "
@@ -90,6 +91,10 @@ class Swarm:
             await self._nursery.start(
                 self._supervise, "manager", self._manager_runner(manager, info)
             )
+            # `swarm init` answers only once 2377 listens: a `join` right after it (a lab, a
+            # script) must not find the port closed
+            with trio.move_on_after(MANAGER_START_TIMEOUT):
+                await manager.listening.wait()
         await self.daemon.mesh.enable()
         agent = Agent(self.daemon, self.files)
         self.agent = agent

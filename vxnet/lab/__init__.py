@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import os
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -131,7 +132,8 @@ class Lab:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(builder.run_dir(self.name) / "lock", "w") as f:
+        fd = os.open(builder.run_dir(self.name) / "lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield

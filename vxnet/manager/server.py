@@ -75,6 +75,7 @@ class Manager:
         self.sessions: dict[str, Session] = {}
         self.counters: Counter[str] = Counter()
         self._changed = trio.Event()
+        self.listening = trio.Event()  # set once 2377 accepts connections
 
     # ----------------------------------------------------------------------- life cycle
 
@@ -82,6 +83,7 @@ class Manager:
         self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
+        self.listening.set()
         limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
         log.info("manager of cluster %s listening on %s:%d", self.cluster.cluster_id, host, port)
         async with trio.open_nursery() as nursery:
