@@ -27,6 +27,7 @@ import pytest
 
 from tests.conftest import unique_lab_name
 from vxnet import netns
+from vxnet.errors import Conflict
 from vxnet.lab import Lab, builder
 
 pytestmark = pytest.mark.root
@@ -338,3 +339,15 @@ def test_host_mode_publishes_only_where_the_task_runs(lab: Lab) -> None:
             assert f"RemoteAddr: {OUTSIDE}:" in r.stdout  # a plain DNAT: the client is seen
         else:
             assert r.returncode != 0, (host, r.stdout)
+
+
+def test_a_host_port_published_twice_is_refused(lab: Lab) -> None:
+    lab.run("h3", "pubx", "app", "whoami", publish=["9191:80"])
+    try:
+        with pytest.raises(Conflict, match="port is already allocated"):
+            lab.run("h3", "puby", "app", "whoami", publish=["9191:80"])
+        assert "puby" not in lab.containers()  # nothing was made
+        with pytest.raises(Conflict, match="port is already allocated"):
+            lab.run("h3", "pubz", "app", "whoami", publish=["8080:80"])  # the mesh's
+    finally:
+        lab.rm("pubx")

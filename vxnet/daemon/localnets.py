@@ -87,7 +87,8 @@ class LocalNetworks:
             "Options": options,
             "subnet": str(net),
             "created_by": created_by,
-            "DataPath": "object only: the bridge data path arrives with the load-balancing issue",
+            "DataPath": "a kernel bridge in the host's namespace once the node is in a swarm "
+            "(docker_gwbridge: ICC by port isolation, masquerade by nftables)",
         }
         self.items[name] = item
         self._save()

@@ -192,6 +192,15 @@ class Mesh:
         if self.published.pop(name, None):
             await self.apply_rules()
 
+    def check_free(self, ports: list[PortSpec]) -> None:
+        """Refuse a host port this node already publishes (in Docker's words)."""
+        taken = {(proto, port) for proto, port in self.ingress} | {
+            (proto, port) for other in self.published.values() for proto, port, _ in other
+        }
+        for proto, port, _ in ports:
+            if (proto, port) in taken:
+                raise Conflict(f"Bind for 0.0.0.0:{port}/{proto} failed: port is already allocated")
+
     async def publish(self, name: str, ports: list[PortSpec]) -> None:
         """Host-mode or standalone published ports of a local container."""
         if not ports:
@@ -201,6 +210,7 @@ class Mesh:
                 f"cannot publish ports of {name}: publishing needs {GWBRIDGE}, which exists "
                 "once this node is in a swarm"
             )
+        self.check_free(ports)
         self.published[name] = list(ports)
         await self.apply_rules()
 

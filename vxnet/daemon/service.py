@@ -329,6 +329,7 @@ class Daemon:
         """Namespace, one TAP per network handed to the dataplane, then the process; in a
         swarm, the docker_gwbridge interface, published ports, records and resolver too."""
         argv = ctr.image_argv(image, cmd)
+        self.mesh.check_free(list(publish or []))  # before anything is made
         async with self.lock:
             if name in self.containers:
                 raise Conflict(f'the container name "{name}" is already in use')

@@ -11,9 +11,13 @@ import dataclasses
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
+import trio
+
+from vxnet.daemon import gwbridge
 from vxnet.daemon.http import Request, Router
+from vxnet.daemon.localnets import GWBRIDGE
 from vxnet.dataplane.tables import AddPeer, LbSettings, RemovePeer, endpoint_mac
-from vxnet.errors import NotFound, UsageError
+from vxnet.errors import Conflict, NotFound, UsageError
 from vxnet.wire.ethernet import mac_from_str
 
 if TYPE_CHECKING:
@@ -113,8 +117,15 @@ def register(d: Daemon, router: Router) -> None:
         return d.localnets.get(req.params["name"])
 
     async def remove_local_network(req: Request) -> Any:
-        d.localnets.remove(req.params["name"])
-        return {"removed": req.params["name"]}
+        name = req.params["name"]
+        item = d.localnets.get(name)
+        if name == GWBRIDGE and d.mesh.enabled:
+            raise Conflict(f"{GWBRIDGE} is in use by the swarm: leave the swarm first")
+        d.localnets.remove(name)
+        if name == GWBRIDGE and d.config.netns is not None:  # its kernel bridge goes with it
+            bridge = item.get("Options", {}).get("com.docker.network.bridge.name", GWBRIDGE)
+            await trio.to_thread.run_sync(gwbridge.remove_bridge, d.config.netns, bridge[:15])
+        return {"removed": name}
 
     async def list_fdb(req: Request) -> Any:
         return d.dataplane.fdb()

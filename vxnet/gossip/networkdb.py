@@ -9,9 +9,10 @@ Docker's libnetwork/networkdb, rebuilt:
   Deleted entries stay as tombstones for ``reap_interval`` (30 min), so a late create cannot
   resurrect them.
 * Every ``gossip_interval`` (200 ms) a node sends its pending table events for each network to
-  ``gossip_nodes`` (3) random nodes *of that network*, over UDP.  Every ``bulk_sync_interval``
-  (30 s), and when it joins a network, it sends the whole table to one random node of the
-  network over TCP, and that node answers with its own.
+  ``gossip_nodes`` (3) random nodes *of that network*, over UDP.  When it joins a network it
+  sends the whole network table (every owner's entries) to every node of the network it knows,
+  over TCP, and each answers with its own; then every ``bulk_sync_interval`` (30 s) to 2 of
+  them at random.  A node already on a network pushes its table to a node it hears join.
 * When a node **fails**, its entries are hidden from watchers and restored if it comes back.
   When it **leaves**, its entries are deleted.
 
