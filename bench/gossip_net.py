@@ -23,8 +23,12 @@ The network (:class:`NetModel`):
   one in :data:`PUSH_PULL_SAMPLE` (and the first) is encoded exactly, the others are estimated
   from the last sample's bytes per node record (a push/pull of 1,000 records costs ~2 ms to
   encode).
-* **Slow members** (Lifeguard paper's model): everything delivered to a slow member -- datagrams,
-  TCP requests, TCP replies -- is processed ``U(slow_delay)`` seconds late.
+* **Slow members** (the Lifeguard paper's slow message processing): everything delivered to a
+  slow member -- datagrams, TCP requests, TCP replies -- waits.  ``slow_model="stall"``: its
+  receive path stops for ``stall`` seconds once every ``stall_period`` (at its own phase) and
+  what arrived meanwhile is processed when the stall ends; ``"jitter"``: each delivery is
+  ``U(slow_delay)`` late.  Its timers and sends are on time (memberlist's probe and suspicion
+  timers are their own goroutines; the packet handler is what lags).
 * **Partitions**: while a :class:`Partition` is active, nothing crosses between its ``side`` and
   the rest (datagrams are dropped, TCP fails at its deadline).
 
@@ -33,30 +37,22 @@ A crashed node (:meth:`Simulator.kill`) stops processing anything, its timers in
 **Warm start.**  Joining N nodes one by one gossips N alive messages to everyone, each
 retransmitted ``4 * ceil(log10(N + 1))`` times by every node (O(N^2) deliveries).  The
 benchmark measures a cluster that has been up for long, so :meth:`Simulator.warm_start` gives
-every node the full member list through its public ``merge_remote_state`` (one shared push/pull
-state, everyone alive at incarnation 1).
-NetworkDB is warm-started the same way: every node joins one network (its join broadcast is not
-sent: everyone already knows), and its public ``attachments`` and ``live_nodes`` are filled with
-every node (what N ``merge_remote_state``/``node_alive`` calls would do, without their O(N^2)
-Python calls).
+every node the full member list through ``Memberlist.warm_start`` (everyone alive at
+incarnation 1, no events, no broadcasts, the push/pull timer at a random phase of its N-scaled
+period).  NetworkDB is warm-started the same way: every node joins one network (its join
+broadcast is not sent: everyone already knows), and its public ``attachments`` and
+``live_nodes`` are filled with every node.  One private access is left, in networkdb's warm
+start: ``NetworkDB.networks[net].bulk_all``/``next_bulk`` (fields of ``_NetworkState``): no
+bulk sync with every node, as right after a join, but one at a random phase of the 30 s period.
 
-**Private state.**  The cores have no public way to do four things the benchmark needs; this
-module alone reaches into them, and only here:
-
-* warm start: ``Memberlist._broadcasts.reset()`` drops the backlog of alive broadcasts the merge
-  queued (everyone already knows them);
-* warm start: ``Memberlist._timers.push_pull``/``push_pull_armed`` put the push/pull timer at a
-  uniformly random phase of its N-scaled period, as in a long-running cluster (otherwise nobody
-  would push/pull for the first 3-4.5 minutes at N >= 1,000);
-* warm start: ``NetworkDB.networks[net].bulk_all``/``next_bulk`` (fields of the private
-  ``_NetworkState``): no bulk sync with every node, as right after a join, but one at a random
-  phase of the 30 s period;
-* read-only, after a node's ``suspects`` counter moved: ``Memberlist._table.suspicions`` says
-  which member it started suspecting (no event is emitted for alive -> suspect).
+Who suspects whom comes from ``SuspectEvent`` (``Memberlist.report_suspicions``), whose cause
+says whether the node's own failed probe raised it; a death seen in a timer step is the node's
+own suspicion timer expiring (``DeathSeen.origin``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import math
@@ -66,7 +62,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vxnet.gossip.config import Config, push_pull_scale
+from vxnet.gossip.config import Config
 from vxnet.gossip.messages import (
     DEFAULT_VSN,
     Message,
@@ -78,8 +74,7 @@ from vxnet.gossip.messages import (
     encode_message,
 )
 from vxnet.gossip.networkdb import MAGIC, NetworkDB, Settings, TableEvent
-from vxnet.gossip.suspicion import Suspicion
-from vxnet.gossip.swim import Datagram, MemberEvent, Memberlist, StreamOp
+from vxnet.gossip.swim import Datagram, MemberEvent, Memberlist, StreamOp, SuspectEvent
 
 Addr = tuple[str, int]
 PORT = 7946
@@ -91,6 +86,7 @@ _CACHED_TYPES = frozenset({3, 4, 5, 8})  # suspect, alive, dead, user
 _DECODE_CACHE_MAX = 200_000
 _CRC_HEADER = 5  # [12][crc32]
 _USER_TYPE = 8
+_PROBE_TYPES = frozenset({0, 1, 2, 11})  # ping, indirect ping, ack, nack
 
 # event kinds
 _TIMER, _UDP, _SERVE, _RESULT, _ACTION = range(5)
@@ -113,6 +109,12 @@ class NetModel:
     delay_base: float = 0.002
     delay_jitter: float = 0.008
     slow: frozenset[int] = frozenset()
+    #: ``"stall"``: a slow member's receive path stops for ``stall`` seconds once every
+    #: ``stall_period`` (its own phase); what arrives meanwhile waits for the stall's end.
+    #: ``"jitter"``: everything it receives is processed ``U(slow_delay)`` late.
+    slow_model: str = "stall"
+    stall: float = 20.0
+    stall_period: float = 60.0
     slow_delay: tuple[float, float] = (0.4, 1.6)
     partitions: tuple[Partition, ...] = ()
     tcp_syn_rto: float = 1.0
@@ -121,7 +123,12 @@ class NetModel:
 
 @dataclass(slots=True)
 class Traffic:
-    """What the nodes sent: datagrams and TCP exchanges, memberlist and networkdb apart."""
+    """What the nodes sent: datagrams and TCP exchanges, memberlist and networkdb apart.
+
+    memberlist's datagrams are split by what the first message is: *probe* datagrams (ping,
+    indirect ping, ack, nack: SWIM's protocol-period messages, with broadcasts piggybacked)
+    and *gossip* datagrams (broadcasts only, sent every gossip_interval to gossip_nodes members
+    while the broadcast queue is not empty).  ``udp_parts`` counts the messages inside them."""
 
     udp: int = 0
     udp_bytes: int = 0
@@ -131,18 +138,16 @@ class Traffic:
     db_udp_bytes: int = 0
     db_tcp: int = 0
     db_tcp_bytes: int = 0
+    probe_udp: int = 0
+    gossip_udp: int = 0
+    gossip_bytes: int = 0
+    udp_parts: int = 0
 
     def minus(self, other: Traffic) -> Traffic:
-        return Traffic(
-            self.udp - other.udp,
-            self.udp_bytes - other.udp_bytes,
-            self.tcp - other.tcp,
-            self.tcp_bytes - other.tcp_bytes,
-            self.db_udp - other.db_udp,
-            self.db_udp_bytes - other.db_udp_bytes,
-            self.db_tcp - other.db_tcp,
-            self.db_tcp_bytes - other.db_tcp_bytes,
-        )
+        return Traffic(*(a - b for a, b in zip(self.values(), other.values(), strict=True)))
+
+    def values(self) -> tuple[int, ...]:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
     def copy(self) -> Traffic:
         return self.minus(Traffic())
@@ -166,6 +171,8 @@ class DeathSeen:
     observer: int
     member: int
     state: NodeState
+    origin: bool = False  # the observer's own suspicion timer expired (not a Dead it heard)
+    incarnation: int = 0
 
 
 def node_name(i: int) -> str:
@@ -204,6 +211,8 @@ class Simulator:
         self.name_index: dict[str, int] = {name: i for i, name in enumerate(self.names)}
         self.alive = [True] * n
         self.slow = [i in net.slow for i in range(n)]
+        phases = random.Random(f"stall/{seed}")
+        self.stall_phase = [phases.random() * net.stall_period for _ in range(n)]
         self.nodes: list[Memberlist] = []
         self.dbs: list[NetworkDB] = []
         self.db_active = False
@@ -216,13 +225,12 @@ class Simulator:
         self._heap: list[Event] = []
         self._seq = 0
         self._timer_at: list[float | None] = [None] * n
-        self._suspects_seen = [0] * n
-        self._recorded: list[dict[str, float]] = [{} for _ in range(n)]
         self._decode_cache: dict[bytes, Message] = {}
         self._pp_count = 0
         self._pp_per_record = 0.0
         self._pp_fixed = 0.0
         self._cut: frozenset[int] | None = None
+        self._in_timer = False  # deaths now come from the node's own suspicion timers
         self._build(networkdb, seed)
         for p in net.partitions:
             self.at(p.start, functools.partial(self._set_cut, p.side))
@@ -237,6 +245,7 @@ class Simulator:
             self.nodes.append(
                 Memberlist(self.config, self.names[i], host, PORT, rng, 0.0, vsn=self.vsn)
             )
+            self.nodes[i].report_suspicions = True
             if networkdb:
                 self.dbs.append(self._make_db(i, rng))
 
@@ -275,17 +284,8 @@ class Simulator:
             ),
             b"",
         )
-        period = push_pull_scale(self.config.push_pull_interval, self.n)
         for i, ml in enumerate(self.nodes):
-            ml.merge_remote_state(state, self.now)
-            ml.take_events()
-            ml.take_datagrams()
-            ml.take_stream_ops()
-            # private: memberlist has no public way to say "everyone already knows this"
-            ml._broadcasts.reset()
-            timers = ml._timers
-            timers.push_pull = self.now + self.rng.random() * period
-            timers.push_pull_armed = True
+            ml.warm_start(state.nodes, self.now)
             if self.dbs:
                 db = self.dbs[i]
                 db.join_network(NETWORK, self.now)
@@ -298,7 +298,6 @@ class Simulator:
                 net_state.bulk_all = False
                 net_state.next_bulk = self.now + self.rng.random() * db.settings.bulk_sync_interval
                 db.take_events()
-            self._suspects_seen[i] = ml.counters["suspects"]
             self._schedule_timer(i)
         self.db_active = bool(self.dbs)
 
@@ -316,7 +315,7 @@ class Simulator:
 
     def flush(self, i: int) -> None:
         """Send what node ``i`` produced after the caller changed it (e.g. a networkdb write)."""
-        self._pump(i, False)
+        self._pump(i)
 
     def _set_cut(self, side: frozenset[int] | None) -> None:
         self._cut = side
@@ -341,17 +340,19 @@ class Simulator:
                 nodes[i].handle_timer(when)
                 if self.db_active:
                     self.dbs[i].handle_timer(when)
-                self._pump(i, True)
+                self._in_timer = True
+                self._pump(i)
+                self._in_timer = False
             elif kind == _UDP:
                 if alive[i]:
                     nodes[i].receive(data[0], data[1], when)
-                    self._pump(i, False)
+                    self._pump(i)
             elif kind == _SERVE:
                 self._serve(i, data)
             elif kind == _RESULT:
                 if alive[i]:
                     nodes[i].stream_result(data[0], data[1], when)
-                    self._pump(i, False)
+                    self._pump(i)
             else:
                 data()
             if stop is not None and when >= next_check:
@@ -378,7 +379,7 @@ class Simulator:
             self._timer_at[i] = due
             self._push(due, _TIMER, i, due)
 
-    def _pump(self, i: int, timer: bool) -> None:
+    def _pump(self, i: int) -> None:
         ml = self.nodes[i]
         events = ml.take_events()
         if events:
@@ -387,21 +388,20 @@ class Simulator:
             self._send_datagram(i, d)
         for op in ml.take_stream_ops():
             self._send_stream(i, op)
-        suspects = ml.counters["suspects"]
-        if suspects != self._suspects_seen[i]:
-            self._suspects_seen[i] = suspects
-            self._record_suspicions(i, timer)
         self._schedule_timer(i)
 
     def _on_events(self, i: int, events: Sequence[object]) -> None:
         db = self.dbs[i] if self.db_active else None
         now = self.now
         for ev in events:
-            if isinstance(ev, MemberEvent):
+            if isinstance(ev, SuspectEvent):
+                j = self.name_index[ev.member]
+                self.suspicions.append(SuspicionSeen(now, i, j, ev.cause == "probe"))
+            elif isinstance(ev, MemberEvent):
                 m = ev.member
                 j = self.name_index.get(m.name, -1)
                 if ev.kind == "leave":
-                    self.deaths.append(DeathSeen(now, i, j, m.state))
+                    self.deaths.append(DeathSeen(now, i, j, m.state, self._in_timer, m.incarnation))
                     self.dead_views.add((i, j))
                 elif ev.kind == "join":
                     self.dead_views.discard((i, j))
@@ -418,19 +418,6 @@ class Simulator:
         if db is not None:
             for te in db.take_events():
                 self.table_events.append((now, i, te))
-
-    def _record_suspicions(self, i: int, timer: bool) -> None:
-        """Which member did node ``i`` just start suspecting?  (Private: no event says so.)"""
-        table: dict[str, Suspicion] = self.nodes[i]._table.suspicions
-        recorded = self._recorded[i]
-        me = self.names[i]
-        for name, s in table.items():
-            if s.start == self.now and recorded.get(name) != s.start:
-                recorded[name] = s.start
-                # A failed probe raises the suspicion in a timer step, "from" ourselves;
-                # a push/pull merge also says "from" us, but comes with a stream.
-                origin = timer and me in s.confirmations
-                self.suspicions.append(SuspicionSeen(self.now, i, self.name_index[name], origin))
 
     # ------------------------------------------------------------------ UDP
 
@@ -451,12 +438,19 @@ class Simulator:
         if d.crc:
             size += _CRC_HEADER
         t = self.traffic
-        if len(msgs) == 1 and msgs[0][0] == _USER_TYPE and msgs[0][1:6] == MAGIC:
+        first = msgs[0][0]
+        if len(msgs) == 1 and first == _USER_TYPE and msgs[0][1:6] == MAGIC:
             t.db_udp += 1
             t.db_udp_bytes += size
         else:
             t.udp += 1
             t.udp_bytes += size
+            t.udp_parts += len(msgs)
+            if first in _PROBE_TYPES:
+                t.probe_udp += 1
+            else:
+                t.gossip_udp += 1
+                t.gossip_bytes += size
         j = self.index.get(d.dest)
         if j is None:
             return
@@ -464,10 +458,18 @@ class Simulator:
         if rng.random() < self.net.loss or not self.alive[j] or self._blocked(i, j):
             return
         decoded = [self._decode(m) for m in msgs]
-        delay = self.net.delay_base + rng.random() * self.net.delay_jitter
+        arrive = self.now + self.net.delay_base + rng.random() * self.net.delay_jitter
         if self.slow[j]:
-            delay += rng.uniform(*self.net.slow_delay)
-        self._push(self.now + delay, _UDP, j, (decoded, self.addrs[i]))
+            arrive = self._processed_at(j, arrive)
+        self._push(arrive, _UDP, j, (decoded, self.addrs[i]))
+
+    def _processed_at(self, j: int, arrive: float) -> float:
+        """When slow member ``j`` gets to process what arrives at ``arrive``."""
+        net = self.net
+        if net.slow_model == "jitter":
+            return arrive + self.rng.uniform(*net.slow_delay)
+        since = (arrive - self.stall_phase[j]) % net.stall_period
+        return arrive + net.stall - since if since < net.stall else arrive
 
     def _blocked(self, i: int, j: int) -> bool:
         cut = self._cut
@@ -489,8 +491,8 @@ class Simulator:
     def _connect_and_send(self, j: int) -> float:
         t = self._leg(self.net.tcp_syn_rto) + self._leg(self.net.tcp_syn_rto)
         t += self._leg(self.net.tcp_rto)
-        if self.slow[j]:
-            t += self.rng.uniform(*self.net.slow_delay)
+        if self.slow[j]:  # the kernel completes the handshake; the member reads late
+            t = self._processed_at(j, self.now + t) - self.now
         return t
 
     def _stream_size(self, msg: Message) -> int:
@@ -543,7 +545,7 @@ class Simulator:
                 self._push(max(deadline, self.now), _RESULT, i, (op_id, None))
             return
         reply = self.nodes[j].receive_stream(request, self.addrs[i], self.now)
-        self._pump(j, False)
+        self._pump(j)
         if op_id < 0:
             return
         if reply is not None:
@@ -551,7 +553,7 @@ class Simulator:
             reply = self._wire(reply)
         back = self.now + self._leg(self.net.tcp_rto)
         if self.slow[i]:
-            back += self.rng.uniform(*self.net.slow_delay)
+            back = self._processed_at(i, back)
         if back > deadline or not self.alive[i]:
             self._push(max(deadline, self.now), _RESULT, i, (op_id, None))
         else:

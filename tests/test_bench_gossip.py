@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 
 from bench import gossip_sim
-from bench.gossip_sim import Options, crash_scenario, main, slow_scenario
+from bench.gossip_lifeguard import compare, slow_scenario
+from bench.gossip_sim import Options, crash_scenario, main
 from vxnet.gossip.suspicion import suspicion_timeout
 
 N = 30
 OPTS = Options(nodes=[N], losses=[0.0], duration=40.0, seed=3, warmup=5.0)
-WALL = ("wall_setup_s", "wall_run_s")
+WALL = ("wall_setup_s", "wall_run_s", "cpu_run_s")
 
 
 def _strip(result: dict[str, Any]) -> dict[str, Any]:
@@ -45,6 +46,10 @@ def test_no_false_positives_without_loss(crash: dict[str, Any]) -> None:
 def test_load_and_networkdb_are_sane(crash: dict[str, Any]) -> None:
     load = crash["load_per_node_s"]
     assert 1.0 <= load["udp_msgs"] <= 6.0  # a probe (ping + ack) a second, some gossip
+    # without loss a probe is a ping and an ack: two datagrams a node a second, give or take
+    assert 1.8 <= load["probe_udp"] <= 2.2
+    assert load["probe_udp"] + load["gossip_udp"] == pytest.approx(load["udp_msgs"], abs=0.01)
+    assert load["udp_parts"] >= load["udp_msgs"]  # datagrams are counted, not their parts
     assert 0 < load["udp_bytes"] < 2000
     assert load["tcp_ops"] > 0  # push/pull (and one TCP ping fallback per failed probe)
     db = crash["networkdb"]
@@ -65,17 +70,37 @@ def test_lossy_run_is_deterministic_and_counts_suspicions() -> None:
     assert a["load_per_node_s"]["udp_msgs"] > 1.0
 
 
-def test_lifeguard_vs_plain_swim_with_a_slow_member() -> None:
+def test_lifeguard_vs_plain_swim_with_a_stalled_member() -> None:
     opts = Options(nodes=[N], losses=[0.0], duration=40.0, seed=5, slow_frac=0.05)
+    opts.stall, opts.stall_period = 15.0, 30.0
     lg = slow_scenario(N, 0.0, opts, lifeguard=True)
     swim = slow_scenario(N, 0.0, opts, lifeguard=False)
     assert lg["slow_nodes"] == swim["slow_nodes"] == 2
     assert lg["peak_awareness_slow"] >= 1
     assert swim["peak_awareness_slow"] == 0  # awareness_max_multiplier=1: Lifeguard is off
-    assert swim["false_suspicions_healthy"] > 0  # slow members accuse healthy ones
-    assert lg["false_suspicions_healthy"] <= swim["false_suspicions_healthy"]
-    assert lg["false_deaths_healthy"] == 0
+    assert swim["false_suspicions_healthy"] > lg["false_suspicions_healthy"]
+    # a stalled member cannot hear refutations: plain SWIM's fixed timeout kills healthy ones
+    assert swim["fp_healthy"] > 0
+    assert lg["fp_healthy"] == 0
     assert _strip(slow_scenario(N, 0.0, opts, lifeguard=False)) == _strip(swim)
+
+
+def test_compare_sums_paired_runs() -> None:
+    opts = Options(nodes=[N], losses=[0.0], duration=30.0, seed=6, runs=2)
+    opts.stall, opts.stall_period = 15.0, 30.0
+    c = compare(N, 0.0, opts)
+    assert c["runs"] == 2 and len(c["plain_swim"]["per_run_fp_healthy"]) == 2
+    assert c["plain_swim"]["fp_healthy"] == sum(c["plain_swim"]["per_run_fp_healthy"])
+    assert c["fp_ratio"] is None or c["fp_ratio"] >= 1
+
+
+def test_plain_swim_turns_off_all_three_lifeguard_components() -> None:
+    from bench.gossip_lifeguard import PLAIN_SWIM_CONFIG, PLAIN_SWIM_VSN
+
+    assert PLAIN_SWIM_CONFIG.awareness_max_multiplier == 1  # no local health aware probe
+    assert PLAIN_SWIM_CONFIG.suspicion_max_timeout_mult == 1  # no local health aware suspicion
+    assert PLAIN_SWIM_CONFIG.disable_buddy_system  # no accusation on the ping to a suspect
+    assert PLAIN_SWIM_VSN[1] == 3  # no nacks asked for
 
 
 def test_main_prints_one_table_and_writes_json(
@@ -83,7 +108,7 @@ def test_main_prints_one_table_and_writes_json(
 ) -> None:
     out = tmp_path / "gossip.json"
     png = tmp_path / "gossip.png"
-    argv = ["--nodes", "20,40", "--loss", "0,10", "--duration", "25", "--seed", "2"]
+    argv = ["--nodes", "20,40", "--loss", "0,10", "--duration", "25", "--seed", "2", "--runs", "1"]
     argv += ["--warmup", "5", "--json", str(out), "--plot", str(png)]
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -109,5 +134,7 @@ def test_main_prints_one_table_and_writes_json(
 def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--loss", "abc"]) == 2
     assert main(["--nodes", "2"]) == 2
+    assert main(["--stall", "30:20"]) == 2
+    assert main(["--runs", "0"]) == 2
     assert gossip_sim.main(["--help"]) == 0
     capsys.readouterr()
