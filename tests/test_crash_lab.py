@@ -20,25 +20,13 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import unique_lab_name
+from tests.test_esp_lab import ECHO_CLIENT  # 200 KB through the echo server, checked
 from vxnet import netns
 from vxnet.lab import Lab, builder
 
 pytestmark = pytest.mark.root
 
 OUTSIDE = "192.168.100.252"
-ECHO_CLIENT = """
-import socket, sys
-s = socket.create_connection((sys.argv[1], 7), timeout=20)
-payload = bytes(range(256)) * 400
-s.sendall(payload)
-got = bytearray()
-while len(got) < len(payload):
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    got += chunk
-print(len(got), bytes(got) == payload)
-"""
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> float:
@@ -107,7 +95,7 @@ def check_traffic(lab: Lab, host: str) -> None:
                      "-W", "2", ip])  # fmt: skip
         assert r.returncode == 0, (name, r.stdout)
     r = lab.exec("probe", [sys.executable, "-c", ECHO_CLIENT, lab.ip("echo2")], timeout=60)
-    assert r.stdout.split() == ["102400", "True"], r.stdout + r.stderr
+    assert r.stdout.split() == ["204800", "True"], r.stdout + r.stderr
     seen = set()
     for _ in range(9):
         out = lab.exec("probe", ["curl", "-s", "--max-time", "3", "http://web/"]).stdout

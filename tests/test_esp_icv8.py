@@ -16,12 +16,12 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.ciphers import algorithms, modes
 from scapy.layers import ipsec
 from scapy.layers.inet import IP
-from scapy.layers.ipsec import ESP, CryptAlgo
+from scapy.layers.ipsec import ESP
 
 from tests.conftest import unique_lab_name
+from tests.esp.test_scapy_esp import _short_icv_algo  # noqa: F401  (autouse: scapy short ICV)
 from tests.test_esp_lab import esp_payloads, esp_spi, in_ns, ipsec_keys, ping_counts
 from vxnet import netns
 from vxnet.capture import finish_capture, start_capture
@@ -32,24 +32,6 @@ from vxnet.lab.topology import default_spec
 pytestmark = pytest.mark.root
 
 DOCKER_MTU = 1424  # 1500 - 50 - 26, a multiple of 4
-
-
-@pytest.fixture(autouse=True)
-def _short_icv_algo(monkeypatch: pytest.MonkeyPatch) -> None:
-    """scapy's built-in 'AES-GCM' always uses a 16-byte tag (see tests/esp/test_scapy_esp.py):
-    its streaming-GCM code path cuts and checks short tags, so register that one."""
-    algo = CryptAlgo(  # type: ignore[no-untyped-call]
-        "AES-GCM-SHORT-ICV",
-        cipher=algorithms.AES,
-        mode=modes.GCM,
-        key_size=(16, 24, 32),
-        salt_size=4,
-        block_size=1,
-        iv_size=8,
-        icv_size=16,
-        format_mode_iv=lambda sa, iv, **kw: sa.crypt_salt + iv,
-    )
-    monkeypatch.setitem(ipsec.CRYPT_ALGOS, "AES-GCM-SHORT-ICV", algo)
 
 
 def scapy_sa_icv8(spi: int, key: bytes) -> Any:

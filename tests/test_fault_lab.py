@@ -22,26 +22,13 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import unique_lab_name
+from tests.test_esp_lab import ECHO_CLIENT  # 200 KB through the echo server, checked
 from vxnet import netns
 from vxnet.errors import UsageError
 from vxnet.lab import Lab, builder
 from vxnet.lab.topology import parse_spec
 
 pytestmark = pytest.mark.root
-
-ECHO_CLIENT = """
-import socket, sys
-s = socket.create_connection((sys.argv[1], 7), timeout=30)
-payload = bytes(range(256)) * 400  # 100 KB
-s.sendall(payload)
-got = bytearray()
-while len(got) < len(payload):
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    got += chunk
-print(len(got), bytes(got) == payload)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +188,7 @@ def test_ten_percent_loss_everywhere_raises_no_false_death(lab: Lab) -> None:
         lab.clear_faults()
     assert deaths == []
     assert suspicions <= seconds  # few: at most one host-second of suspicion per second
-    assert r.stdout.split() == ["102400", "True"], r.stdout + r.stderr
+    assert r.stdout.split() == ["204800", "True"], r.stdout + r.stderr
     assert len(dig.stdout.split()) == 2, dig.stdout + dig.stderr
 
 

@@ -21,7 +21,6 @@ from vxnet.dns.records import Directory, EndpointRecord
 from vxnet.dns.resolver import Resolver
 from vxnet.dns.server import (
     ETC_NETNS,
-    in_netns,
     read_message,
     remove_resolv_conf,
     send_message,
@@ -185,7 +184,7 @@ def test_all_upstreams_failing_is_a_quick_servfail(ns: str) -> None:
 def test_tcp_several_messages_then_malformed_closes(ns: str) -> None:
     async def body() -> None:
         raw = await trio.to_thread.run_sync(
-            in_netns, ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            netns.call_in, ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         )
         with trio.socket.from_stdlib_socket(raw) as sock:
             await sock.connect(("127.0.0.11", 53))

@@ -158,26 +158,24 @@ class Daemon:
         if self.mesh.sandbox is not None and self.mesh.sandbox.network == name:
             await self.mesh.remove_sandbox()
         async with self.lock:
-            spec = self.networks.pop(name, None)
-            self.swarm_networks.discard(name)
-            self.network_names.pop(self.network_ids.pop(name, ""), None)
-            if spec is not None:
-                await self.program(RemoveNetwork(spec.vni))
-                if self.discovery is not None:
-                    self.discovery.forget_network(name, spec.vni)
+            await self._drop_swarm_network(name)
 
     async def prune_networks(self, keep: set[str]) -> None:
         """Remove swarm networks not in ``keep`` that no local container uses any more."""
         async with self.lock:
             in_use = {e.network for c in self.containers.values() for e in c.endpoints}
             for name in sorted(self.swarm_networks - keep - in_use):
-                spec = self.networks.pop(name, None)
-                self.swarm_networks.discard(name)
-                self.network_names.pop(self.network_ids.pop(name, ""), None)
-                if spec is not None:
-                    await self.program(RemoveNetwork(spec.vni))
-                    if self.discovery is not None:
-                        self.discovery.forget_network(name, spec.vni)
+                await self._drop_swarm_network(name)
+
+    async def _drop_swarm_network(self, name: str) -> None:
+        """Forget swarm network ``name`` here and in the dataplane (the caller holds the lock)."""
+        spec = self.networks.pop(name, None)
+        self.swarm_networks.discard(name)
+        self.network_names.pop(self.network_ids.pop(name, ""), None)
+        if spec is not None:
+            await self.program(RemoveNetwork(spec.vni))
+            if self.discovery is not None:
+                self.discovery.forget_network(name, spec.vni)
 
     def _network(self, name: str) -> NetworkSpec:
         spec = self.networks.get(name)

@@ -2,8 +2,8 @@
 
 The daemon is one multi-threaded process in the host's namespace; the resolver must listen inside
 each container's namespace.  A socket belongs to the namespace it was *created* in, so
-:func:`in_netns` moves one worker thread into the container's namespace, creates the sockets and
-moves the thread back; the event loop then uses them like any other socket.
+:func:`vxnet.netns.call_in` moves one worker thread into the container's namespace, creates
+the sockets and moves the thread back; the event loop then uses them like any other socket.
 
 Upstream queries also leave from sockets created in the container's namespace, so they follow the
 container's own routes (in a lab: its bridge and gateway), as the container's traffic would.
@@ -16,8 +16,6 @@ at once; a malformed message gets its FORMERR (when the header parses) and the c
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -29,6 +27,7 @@ from typing import Any, TypeVar
 import dns.rcode
 import trio
 
+from vxnet import netns
 from vxnet.dns.resolver import (
     DNS_PORT,
     MAX_UPSTREAMS,
@@ -44,7 +43,6 @@ from vxnet.errors import LabError, UsageError
 NETNS_DIR = Path("/var/run/netns")
 ETC_NETNS = Path("/etc/netns")
 RESOLV_CONF = f"nameserver {RESOLVER_IP}\noptions ndots:0\n"
-CLONE_NEWNET = 0x40000000
 TCP_IDLE_TIMEOUT = 10.0
 MAX_TCP_CONNECTIONS = 64
 MAX_FORWARDS = 256  # upstream queries in flight per resolver socket pair
@@ -52,42 +50,9 @@ MAX_MESSAGE = 65535
 
 T = TypeVar("T")
 _LENGTH = struct.Struct("!H")
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # ----------------------------------------------------------------------------- namespaces
-
-
-def in_netns(netns_name: str, make: Callable[[], T]) -> T:
-    """Call ``make()`` with the calling thread in namespace ``netns_name``, then move it back.
-
-    Blocking: call it through ``trio.to_thread.run_sync``.  Only the calling thread moves.
-    """
-    if not netns_name or "/" in netns_name:
-        raise UsageError(f"{netns_name!r} is not a network namespace name")
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            target = os.open(NETNS_DIR / netns_name, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise LabError(f"no network namespace {netns_name!r}") from None
-        try:
-            _setns(target)
-            try:
-                return make()
-            finally:
-                # The worker thread goes back to trio's cache: it must not stay in the container.
-                _setns(own)
-        finally:
-            os.close(target)
-    finally:
-        os.close(own)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise LabError(f"setns: {os.strerror(err)}")
 
 
 async def _sockets_in(
@@ -97,7 +62,7 @@ async def _sockets_in(
     made: list[socket.socket] = []
 
     def run() -> None:
-        made.extend(in_netns(netns_name, make))
+        made.extend(netns.call_in(netns_name, make))
 
     try:
         await trio.to_thread.run_sync(run)

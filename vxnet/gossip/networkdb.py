@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -313,11 +313,11 @@ class NetworkDB:
         if not payload.startswith(MAGIC):
             return False
         try:
-            msg = _decode_untrusted(payload)
+            msg = decode_payload_untrusted(payload)
             kind = msg.get("t")
             if kind == "batch":
-                for inner in _list(msg, "m"):
-                    self._apply_table_event(_map(inner), now)
+                for inner in list_field(msg, "m"):
+                    self._apply_table_event(as_map(inner), now)
             elif kind == "net":
                 self._apply_net_event(msg)
             elif kind == "bulk":
@@ -329,7 +329,7 @@ class NetworkDB:
         return True
 
     def _apply_net_event(self, msg: dict[str, Any]) -> None:
-        network, node, ltime = _str(msg, "net"), _str(msg, "node"), _int(msg, "l")
+        network, node, ltime = str_field(msg, "net"), str_field(msg, "node"), int_field(msg, "l")
         self.network_clock = max(self.network_clock, ltime)
         if node == self.name:
             return
@@ -337,7 +337,7 @@ class NetworkDB:
         current = nodes.get(node)
         if current is not None and current[0] >= ltime:
             return
-        leaving = _str(msg, "k") == "leave"
+        leaving = str_field(msg, "k") == "leave"
         nodes[node] = (ltime, leaving)
         if not leaving and network in self.networks and (current is None or current[1]):
             # a node (re)joined a network we are on: push it our table at once.  Without this,
@@ -351,20 +351,20 @@ class NetworkDB:
                     self._emit("delete", key, entry)
 
     def _apply_table_event(self, msg: dict[str, Any], now: float) -> bool:
-        network = _str(msg, "net")
-        key = (network, _str(msg, "tbl"), _str(msg, "key"))
-        owner, ltime = _str(msg, "node"), _int(msg, "l")
+        network = str_field(msg, "net")
+        key = (network, str_field(msg, "tbl"), str_field(msg, "key"))
+        owner, ltime = str_field(msg, "node"), int_field(msg, "l")
         self.table_clock = max(self.table_clock, ltime)
         if network not in self.networks or owner == self.name:
             return False
         current = self.entries.get(key)
         if current is not None and current.ltime >= ltime:
             return False  # an update wins only with a greater Lamport time
-        deleting = _str(msg, "k") == "delete"
+        deleting = str_field(msg, "k") == "delete"
         entry = Entry(
             owner,
             ltime,
-            _bytes(msg, "v"),
+            bytes_field(msg, "v"),
             deleting,
             now + self.settings.reap_interval if deleting else 0.0,
             hidden=owner not in self.live_nodes,
@@ -382,22 +382,22 @@ class NetworkDB:
         return True
 
     def _apply_bulk(self, msg: dict[str, Any], now: float) -> None:
-        network = _str(msg, "net")
+        network = str_field(msg, "net")
         if network not in self.networks:
             return
-        for node in _list(msg, "nodes"):
+        for node in list_field(msg, "nodes"):
             self._apply_net_event(
                 {
                     "net": network,
-                    "node": _str(_map(node), "n"),
-                    "l": _int(_map(node), "l"),
-                    "k": "leave" if _map(node).get("x") else "join",
+                    "node": str_field(as_map(node), "n"),
+                    "l": int_field(as_map(node), "l"),
+                    "k": "leave" if as_map(node).get("x") else "join",
                 }
             )
-        for inner in _list(msg, "e"):
-            self._apply_table_event(_map(inner), now)
+        for inner in list_field(msg, "e"):
+            self._apply_table_event(as_map(inner), now)
         if not msg.get("resp"):
-            self._bulk_sync(network, response=True, to=_str(msg, "from"))
+            self._bulk_sync(network, response=True, to=str_field(msg, "from"))
 
     # ------------------------------------------------- memberlist push/pull state
 
@@ -414,8 +414,8 @@ class NetworkDB:
         if not payload:
             return
         try:
-            msg = _decode_untrusted(payload)
-            for net, nodes in _map(msg.get("nets", {})).items():
+            msg = decode_payload_untrusted(payload)
+            for net, nodes in as_map(msg.get("nets", {})).items():
                 for row in nodes if isinstance(nodes, list) else []:
                     if not (isinstance(row, list) and len(row) == 3):
                         raise BadPacket("networkdb_bad_state_row")
@@ -453,42 +453,42 @@ def _encode(message: dict[str, Any]) -> bytes:
     return MAGIC + body
 
 
-def _decode_untrusted(payload: bytes) -> dict[str, Any]:
+def decode_payload_untrusted(payload: bytes) -> dict[str, Any]:
     try:
         msg = msgpack.unpackb(payload[len(MAGIC) :], raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError):
         raise BadPacket("networkdb_not_msgpack") from None
-    return _map(msg)
+    return as_map(msg)
 
 
-def _map(value: Any) -> dict[str, Any]:
+def as_map(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadPacket("networkdb_not_a_map")
     return value
 
 
-def _list(msg: dict[str, Any], key: str) -> Iterable[Any]:
+def list_field(msg: dict[str, Any], key: str) -> list[Any]:
     value = msg.get(key, [])
     if not isinstance(value, list):
         raise BadPacket("networkdb_bad_field", key)
     return value
 
 
-def _str(msg: dict[str, Any], key: str) -> str:
+def str_field(msg: dict[str, Any], key: str) -> str:
     value = msg.get(key)
     if not isinstance(value, str):
         raise BadPacket("networkdb_bad_field", key)
     return value
 
 
-def _int(msg: dict[str, Any], key: str) -> int:
+def int_field(msg: dict[str, Any], key: str) -> int:
     value = msg.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise BadPacket("networkdb_bad_field", key)
     return value
 
 
-def _bytes(msg: dict[str, Any], key: str) -> bytes:
+def bytes_field(msg: dict[str, Any], key: str) -> bytes:
     value = msg.get(key)
     if not isinstance(value, bytes):
         raise BadPacket("networkdb_bad_field", key)
@@ -522,5 +522,7 @@ def decode_peer_record_untrusted(value: bytes) -> PeerRecord:
         data = msgpack.unpackb(value, raw=False)
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError):
         raise BadPacket("peer_record_not_msgpack") from None
-    m = _map(data)
-    return PeerRecord(_str(m, "EndpointIP"), _str(m, "EndpointMAC"), _str(m, "TunnelEndpointIP"))
+    m = as_map(data)
+    return PeerRecord(
+        str_field(m, "EndpointIP"), str_field(m, "EndpointMAC"), str_field(m, "TunnelEndpointIP")
+    )

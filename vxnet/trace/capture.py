@@ -2,7 +2,7 @@
 
 The same AF_PACKET approach as :mod:`vxnet.capture`, without its helper process: the socket is
 created in the namespace by a thread that enters it for that one call
-(:func:`vxnet.dns.server.in_netns`), and a socket stays in the namespace it was made in.  One
+(:func:`vxnet.netns.call_in`), and a socket stays in the namespace it was made in.  One
 unbound socket sees every interface there; :class:`Where` says which frames to keep:
 
 * the fabric: every host's port, each frame once, on the port it *entered* by (a frame from h1
@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vxnet.dns.server import in_netns
+from vxnet import netns
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -68,7 +68,7 @@ class LiveCapture:
 
     def __init__(self, where: Where) -> None:
         self.where = where
-        self.sock = in_netns(where.netns, _open_packet_socket)
+        self.sock = netns.call_in(where.netns, _open_packet_socket)
 
     def __enter__(self) -> LiveCapture:
         return self

@@ -25,7 +25,13 @@ from vxnet.errors import BadPacket
 from vxnet.esp.sa import DEFAULT_ICV_LEN, DOCKER_ICV_LEN, SecurityAssociation
 from vxnet.esp.spi import derive_spi, salt_for_spi
 from vxnet.gossip import messages as m
-from vxnet.gossip.networkdb import MAGIC, decode_peer_record_untrusted
+from vxnet.gossip.networkdb import (
+    MAGIC,
+    as_map,
+    decode_peer_record_untrusted,
+    list_field,
+    str_field,
+)
 from vxnet.gossip.packet import (
     Keyring,
     StreamReader,
@@ -265,41 +271,41 @@ def _networkdb_untrusted(payload: bytes) -> dict[str, Any]:
         msg = msgpack.unpackb(payload[len(MAGIC) :], raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError):
         raise BadPacket("networkdb_not_msgpack") from None
-    return _map(msg)
+    return as_map(msg)
 
 
 def _networkdb_message(msg: dict[str, Any], ctx: TraceContext, depth: int) -> list[Layer]:
     kind = msg.get("t")
     if kind == "net":
-        net = ctx.network_of_id(_str(msg, "net"))
-        node = _str(msg, "node")
+        net = ctx.network_of_id(str_field(msg, "net"))
+        node = str_field(msg, "node")
         verb = "leaves" if msg.get("k") == "leave" else "joins"
         text = f"{ctx.member(node)} {verb} network {net} (Lamport {msg.get('l')})"
         return [Layer("networkdb", text, depth, (("network", net), *_host(ctx, node)))]
     if kind == "batch":
-        events = _list(msg, "m")
+        events = list_field(msg, "m")
         layers = [Layer("networkdb", f"{len(events)} table event(s)", depth)]
-        return layers + [_table_event(_map(e), ctx, depth + 1) for e in events]
+        return layers + [_table_event(as_map(e), ctx, depth + 1) for e in events]
     if kind == "bulk":
-        net = ctx.network_of_id(_str(msg, "net"))
-        entries = _list(msg, "e")
+        net = ctx.network_of_id(str_field(msg, "net"))
+        entries = list_field(msg, "e")
         reply = "reply to a " if msg.get("resp") else ""
         text = (
-            f"{reply}bulk sync of network {net} from {ctx.member(_str(msg, 'from'))}: "
-            f"{len(entries)} entries, {len(_list(msg, 'nodes'))} node(s)"
+            f"{reply}bulk sync of network {net} from {ctx.member(str_field(msg, 'from'))}: "
+            f"{len(entries)} entries, {len(list_field(msg, 'nodes'))} node(s)"
         )
         layers = [Layer("networkdb", text, depth, (("network", net),))]
-        return layers + [_table_event(_map(e), ctx, depth + 1) for e in entries]
+        return layers + [_table_event(as_map(e), ctx, depth + 1) for e in entries]
     if kind == "state":
-        nets = _map(msg.get("nets", {}))
+        nets = as_map(msg.get("nets", {}))
         names = ", ".join(f"{ctx.network_of_id(str(n))} ({len(v)} nodes)" for n, v in nets.items())
         return [Layer("networkdb", f"network attachments: {names or 'none'}", depth)]
     raise BadPacket("networkdb_unknown_message", str(kind))
 
 
 def _table_event(ev: dict[str, Any], ctx: TraceContext, depth: int) -> Layer:
-    net = ctx.network_of_id(_str(ev, "net"))
-    table, owner = _str(ev, "tbl"), _str(ev, "node")
+    net = ctx.network_of_id(str_field(ev, "net"))
+    table, owner = str_field(ev, "tbl"), str_field(ev, "node")
     value = ev.get("v")
     what = _table_value(table, value, ctx) if isinstance(value, bytes) and value else ""
     text = f"{ev.get('k', '?')} {table} on {net} by {ctx.member(owner)}"
@@ -326,26 +332,6 @@ def _table_value(table: str, value: bytes, ctx: TraceContext) -> str:
 
 def _host(ctx: TraceContext, member: str) -> tuple[Ref, ...]:
     return (("host", ctx.members[member]),) if member in ctx.members else ()
-
-
-def _map(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise BadPacket("networkdb_not_a_map")
-    return value
-
-
-def _list(msg: dict[str, Any], key: str) -> list[Any]:
-    value = msg.get(key, [])
-    if not isinstance(value, list):
-        raise BadPacket("networkdb_bad_field", key)
-    return value
-
-
-def _str(msg: dict[str, Any], key: str) -> str:
-    value = msg.get(key)
-    if not isinstance(value, str):
-        raise BadPacket("networkdb_bad_field", key)
-    return value
 
 
 # ----------------------------------------------------------------------------------- DNS
