@@ -136,6 +136,8 @@ def test_user_made_docker_gwbridge_is_used_as_is(lab: Lab) -> None:
                         "com.docker.network.bridge.enable_ip_masquerade": "false"},
         })  # fmt: skip
         mine.post("/swarm/init", {})
+        # the node's agent connects to its own manager a moment after init answers
+        wait_for(lambda: bool(mine.get("/swarm")["connected"]), "the agent's session", 20)
         mine.post("/swarm/networks", {"name": "own", "attachable": True})
         other.run("h1", "g1", "own", "idle")
         other.run("h1", "g2", "own", "idle")

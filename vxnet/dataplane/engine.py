@@ -377,10 +377,15 @@ def _realtime() -> bool:
     that waits its turn behind busy tasks waits for the next scheduler tick (4 ms at HZ=250):
     that was the p99 of a ping on a loaded machine, and most of the encrypted throughput lost.
     The thread blocks in epoll when there is nothing to do, and the kernel's real-time
-    throttling (95 % of a CPU) still applies.  ``VXNET_DATAPLANE_RT=0`` keeps the default
-    policy; without CAP_SYS_NICE this is a no-op.
+    throttling (95 % of a CPU) still applies.
+
+    Opt-in (``VXNET_DATAPLANE_RT=1``): on 2 cores, under a ping flood and an iperf3 stream
+    through an encrypted network, two real-time dataplanes starved the containers' own
+    processes and ping lost ~40 of 4300 replies in its socket queue, with no drop anywhere in
+    vxnet; with the default policy it lost none.  A lab is for correctness first; a benchmark
+    may ask for it.  Without CAP_SYS_NICE this is a no-op.
     """
-    if os.environ.get("VXNET_DATAPLANE_RT", "1") == "0":
+    if os.environ.get("VXNET_DATAPLANE_RT", "0") != "1":
         return False
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
