@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from typing import Any
@@ -69,6 +70,10 @@ def test_icv8_swarm_gives_docker_mtu_and_scapy_decrypts_with_an_8_byte_icv(lab: 
     link = lab.exec("e1", ["ip", "-o", "link", "show", "eth0"]).stdout
     assert f"mtu {DOCKER_MTU} " in link, link
 
+    # the SAs exist once the keys and the peers are programmed: wait for a first echo
+    deadline = time.monotonic() + 30
+    while lab.exec("e1", ["ping", "-c", "1", "-W", "1", lab.ip("e2")]).returncode != 0:
+        assert time.monotonic() < deadline, "no echo across the encrypted network"
     keys = ipsec_keys(lab)
     a1, a2 = IPv4Address(lab.data_address("h1")), IPv4Address(lab.data_address("h2"))
     cap = start_capture(lab.fabric_netns, "h1", count=10_000, timeout=3, udp_port=None)

@@ -359,6 +359,11 @@ class Agent:
         if d.discovery is not None:
             await d.discovery.set_lb_addresses(lb)
 
+    async def _destroy_unassigned(self, tasks: dict[str, Any]) -> None:
+        for c in list(self.daemon.containers.values()):
+            if c.task_id and (c.name not in tasks or c.exit_code is not None):
+                await self.daemon.destroy(c.name)
+
     async def _apply(self, msg: dict[str, Any]) -> None:
         d = self.daemon
         nets = {n["id"]: n for n in field_untrusted(msg, "networks", list)}
@@ -369,16 +374,17 @@ class Agent:
         addr = str(self.info.get("data_path_addr") or d.dataplane.underlay_addr)
         if (addr, port) != (d.dataplane.underlay_addr, d.dataplane.data_port):
             await d.program(SetUnderlay(addr, port))
+        tasks = {t["container"]: t for t in field_untrusted(msg, "tasks", list)}
+        # tasks that are no longer ours go first: a network they were on may be retired below
+        # (a re-created ingress can get the old one's VNI)
+        await self._destroy_unassigned(tasks)
         for net in nets.values():
             await d.ensure_network(spec_from_summary(net), net["id"])
         self.networks = nets
         # a container a previous run left on a network this node no longer has: lost
         await d.adoption.drop_unassigned({n["name"] for n in nets.values()})
         await self._apply_load_balancers(nets, msg.get("lb_addresses"))
-        tasks = {t["container"]: t for t in field_untrusted(msg, "tasks", list)}
-        for c in list(d.containers.values()):
-            if c.task_id and (c.name not in tasks or c.exit_code is not None):
-                await d.destroy(c.name)
+        await self._destroy_unassigned(tasks)  # and those just re-adopted that are not ours
         for name, task in tasks.items():
             if name in d.containers:
                 continue
