@@ -423,7 +423,8 @@ def test_cli_arguments_are_parsed_or_refused_with_a_usage_error(
     command = _resolve(path)
     word = st.one_of(
         st.sampled_from(_words(command) or ["--x"]),
-        st.text(max_size=12),
+        # argv comes through execve: C strings, so never a NUL byte
+        st.text(st.characters(blacklist_characters="\x00"), max_size=12),
         st.sampled_from(["10%", "-1", "1e999", "nan", "h1", "h1,h2/h3", "0", "", "--", "-"]),
     )
     args = data.draw(st.lists(word, max_size=6))

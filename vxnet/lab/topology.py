@@ -132,8 +132,10 @@ def load_spec(path: Path, name: str | None = None, hosts: int | None = None) -> 
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise UsageError(f"cannot read lab file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except tomllib.TOMLDecodeError as exc:  # (a ValueError: first)
         raise UsageError(f"lab file {path} is not valid TOML: {exc}") from None
+    except ValueError:  # a path with a NUL byte in it
+        raise UsageError(f"cannot read lab file {str(path)!r}: not a valid path") from None
     return parse_spec(data, name=name, hosts=hosts, source=str(path))
 
 
