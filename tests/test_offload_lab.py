@@ -11,23 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import need, unique_lab_name
+from tests.test_esp_lab import ECHO_CLIENT  # 200 KB through the echo server, checked
 from vxnet.lab import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-
-ECHO_CLIENT = """
-import socket, sys
-s = socket.create_connection((sys.argv[1], 7), timeout=10)
-payload = bytes(range(256)) * 800  # 200 KB
-s.sendall(payload)
-got = bytearray()
-while len(got) < len(payload):
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    got += chunk
-print(len(got), bytes(got) == payload)
-"""
 
 
 @pytest.fixture(scope="module", params=["tunnel-gso", "segment", "per-frame"])
