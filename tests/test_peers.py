@@ -6,10 +6,13 @@ import ipaddress
 from typing import Any
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vxnet.daemon.peers import Peers
 from vxnet.dataplane.tables import AddPeer, NetworkSpec, RemovePeer
 from vxnet.gossip.networkdb import PEER_TABLE, PeerRecord, TableEvent
+from vxnet.wire.ethernet import mac_from_str
 
 SPEC = NetworkSpec(
     "front", 4097, ipaddress.IPv4Network("10.0.1.0/24"), ipaddress.IPv4Address("10.0.1.1")
@@ -32,9 +35,9 @@ class FakeGossip:
     name = "me"
 
 
-def event(kind: str, key: str, owner: str, vtep: str) -> TableEvent:
+def event(kind: str, key: str, owner: str, vtep: str, ltime: int = 1) -> TableEvent:
     rec = PeerRecord("10.0.1.8/24", "02:42:0a:00:01:08", vtep).encode()
-    return TableEvent(kind, "netid", PEER_TABLE, key, owner, rec)  # type: ignore[arg-type]
+    return TableEvent(kind, "netid", PEER_TABLE, key, owner, rec, ltime)  # type: ignore[arg-type]
 
 
 def test_a_mac_that_moved_is_not_removed_by_its_old_owners_delete() -> None:
@@ -43,8 +46,8 @@ def test_a_mac_that_moved_is_not_removed_by_its_old_owners_delete() -> None:
 
     async def main() -> None:
         await peers.on_table_event(event("create", "old/t/eth0", "old", "192.168.100.12"))
-        await peers.on_table_event(event("create", "new/t/eth0", "new", "192.168.100.13"))
-        await peers.on_table_event(event("delete", "old/t/eth0", "old", "192.168.100.12"))
+        await peers.on_table_event(event("create", "new/t/eth0", "new", "192.168.100.13", 2))
+        await peers.on_table_event(event("delete", "old/t/eth0", "old", "192.168.100.12", 3))
         await peers.on_table_event(event("create", "x", "me", "192.168.100.11"))  # our own: skipped
         await peers.on_table_event(TableEvent("create", "netid", PEER_TABLE, "bad", "o", b"\xc1"))
 
@@ -56,7 +59,65 @@ def test_a_mac_that_moved_is_not_removed_by_its_old_owners_delete() -> None:
     assert peers.counters["stale_deletes_ignored"] == 1 and peers.counters["bad_records"] == 1
 
     async def current_owner_leaves() -> None:
-        await peers.on_table_event(event("delete", "new/t/eth0", "new", "192.168.100.13"))
+        await peers.on_table_event(event("delete", "new/t/eth0", "new", "192.168.100.13", 4))
 
     trio.run(current_owner_leaves)
     assert isinstance(daemon.programmed[-1], RemovePeer)
+
+
+def fdb_after(events: list[TableEvent]) -> dict[bytes, str]:
+    """Replay ``events`` through Peers; return MAC -> VTEP as the FDB would hold it."""
+    daemon = FakeDaemon()
+    peers = Peers(daemon, FakeGossip(), "me", "192.168.100.11")  # type: ignore[arg-type]
+
+    async def main() -> None:
+        for e in events:
+            await peers.on_table_event(e)
+
+    trio.run(main)
+    fdb: dict[bytes, str] = {}
+    for u in daemon.programmed:
+        if isinstance(u, AddPeer):
+            fdb[u.mac] = str(u.vtep)
+        elif isinstance(u, RemovePeer):
+            del fdb[u.mac]  # a remove of something not programmed would raise here
+    return fdb
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_fdb_is_a_function_of_the_live_claims_not_of_their_order(data: st.DataObject) -> None:
+    # Three keys on three nodes claim one address over time (it was freed and reused); each is
+    # created once and maybe deleted.  Gossip may deliver those events in any order that keeps
+    # each key's own create before its delete (a key's events are ordered by its Lamport time).
+    keys = [(f"h{i}/web.{i}/eth0", f"h{i}", f"192.168.100.{20 + i}", i + 1) for i in range(3)]
+    deleted = data.draw(st.lists(st.booleans(), min_size=3, max_size=3))
+    streams = []
+    for (key, owner, vtep, ltime), gone in zip(keys, deleted, strict=True):
+        rec = PeerRecord("10.0.1.8/24", "02:42:0a:00:01:08", vtep).encode()
+        stream = [TableEvent("create", "netid", PEER_TABLE, key, owner, rec, ltime)]
+        if gone:
+            stream.append(TableEvent("delete", "netid", PEER_TABLE, key, owner, rec, ltime + 10))
+        streams.append(stream)
+    order: list[TableEvent] = []
+    while any(streams):
+        i = data.draw(st.sampled_from([i for i, s in enumerate(streams) if s]))
+        order.append(streams[i].pop(0))
+    live = [(lt, vtep) for (_, _, vtep, lt), gone in zip(keys, deleted, strict=True) if not gone]
+    want = {mac_from_str("02:42:0a:00:01:08"): max(live)[1]} if live else {}
+    assert fdb_after(order) == want
+
+
+def test_the_old_owners_create_arriving_last_does_not_strand_the_entry() -> None:
+    # The CI failure this replaces: new create, old create (late), new delete, old delete.
+    old = PeerRecord("10.0.1.8/24", "02:42:0a:00:01:08", "192.168.100.12").encode()
+    new = PeerRecord("10.0.1.8/24", "02:42:0a:00:01:08", "192.168.100.13").encode()
+    events = [
+        TableEvent("create", "netid", PEER_TABLE, "new/t/eth0", "new", new, 5),
+        TableEvent("create", "netid", PEER_TABLE, "old/t/eth0", "old", old, 1),
+        TableEvent("delete", "netid", PEER_TABLE, "new/t/eth0", "new", new, 6),
+        TableEvent("delete", "netid", PEER_TABLE, "old/t/eth0", "old", old, 2),
+    ]
+    assert fdb_after(events[:2]) == {mac_from_str("02:42:0a:00:01:08"): "192.168.100.13"}
+    assert fdb_after(events[:3]) == {mac_from_str("02:42:0a:00:01:08"): "192.168.100.12"}
+    assert fdb_after(events) == {}

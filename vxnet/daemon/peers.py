@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vxnet.daemon.containers import Endpoint
@@ -25,6 +26,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vxnet.peers")
 
+Slot = tuple[str, bytes]  # (network id, MAC): one FDB entry
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One table entry's say about where a MAC lives."""
+
+    key: str
+    owner: str
+    ltime: int
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    vtep: ipaddress.IPv4Address
+
 
 class Peers:
     def __init__(self, daemon: Daemon, gossip: GossipService, node: str, vtep: str) -> None:
@@ -38,10 +52,14 @@ class Peers:
             "bad_records": 0,
             "stale_deletes_ignored": 0,
         }
-        # (network, MAC) -> the table key whose record programmed it.  A MAC can move: a task
-        # restarted with the same address publishes it under a new key before the old key's
-        # delete arrives (moby#35401's stale FDB); only the current owner may remove it.
-        self.owners: dict[tuple[str, bytes], str] = {}
+        # (network, MAC) -> every live table key that claims it.  A MAC can move: an address
+        # freed on one node is reused on another, and gossip delivers the old key's create,
+        # the new key's create and the old key's delete in any order (moby#35401's stale
+        # FDB).  So the FDB entry is a function of this set, never of the order events came
+        # in: the claim with the greatest Lamport time programs it, and it goes with the last.
+        self.claims: dict[Slot, dict[str, Claim]] = {}
+        self.key_slots: dict[tuple[str, str], Slot] = {}  # (network, key) -> its claim's slot
+        self.programmed: dict[Slot, Claim] = {}  # what the FDB holds now, per slot
         # VTEP -> the gossip node that publishes from it: a new one means the peer restarted,
         # and its ESP sequence numbers start again at 1 (our replay window must forget it).
         self.vtep_nodes: dict[str, str] = {}
@@ -84,8 +102,30 @@ class Peers:
             return
         name = self.daemon.network_names.get(event.network)
         spec = self.daemon.networks.get(name) if name else None
-        if spec is None:
+        if spec is None:  # not (or no longer) a network here: its FDB went with it
+            self._forget_network(event.network)
             return
+        touched: list[Slot] = []
+        old = self.key_slots.pop((event.network, event.key), None)
+        if old is not None:  # this key's previous claim: withdrawn, or replaced below
+            self.claims[old].pop(event.key, None)
+            touched.append(old)
+        if event.kind == "delete":
+            held = self.programmed.get(old) if old is not None else None
+            if held is None or held.key != event.key:
+                self.counters["stale_deletes_ignored"] += 1  # it was not what the FDB held
+        else:
+            decoded = self._decode(event)
+            if decoded is not None:
+                slot, claim = decoded
+                self.claims.setdefault(slot, {})[event.key] = claim
+                self.key_slots[(event.network, event.key)] = slot
+                touched.append(slot)
+                await self._note_vtep(claim)
+        for slot in dict.fromkeys(touched):
+            await self._reconcile(spec.vni, slot)
+
+    def _decode(self, event: TableEvent) -> tuple[Slot, Claim] | None:
         try:
             record = decode_peer_record_untrusted(event.value)
             mac = mac_from_str(record.endpoint_mac)
@@ -94,21 +134,36 @@ class Peers:
         except (BadPacket, UsageError, ValueError) as exc:  # a record we cannot use is counted
             self.counters["bad_records"] += 1
             log.info("unusable peer record %s: %s", event.key, exc)
-            return
-        slot = (event.network, mac)
-        if event.kind == "delete":
-            if self.owners.get(slot) != event.key:
-                self.counters["stale_deletes_ignored"] += 1
-                return
-            del self.owners[slot]
-            await self.daemon.program(RemovePeer(spec.vni, mac))
-            self.counters["removed"] += 1
-        else:
-            self.owners[slot] = event.key
-            previous = self.vtep_nodes.get(str(vtep))
-            self.vtep_nodes[str(vtep)] = event.owner
-            if previous is not None and previous != event.owner:
-                await self.daemon.program(ResetEspPeer(vtep))
-                self.counters["esp_peer_resets"] = self.counters.get("esp_peer_resets", 0) + 1
-            await self.daemon.program(AddPeer(spec.vni, mac, ip, vtep, "gossip"))
+            return None
+        return (event.network, mac), Claim(event.key, event.owner, event.ltime, ip, vtep)
+
+    async def _note_vtep(self, claim: Claim) -> None:
+        previous = self.vtep_nodes.get(str(claim.vtep))
+        self.vtep_nodes[str(claim.vtep)] = claim.owner
+        if previous is not None and previous != claim.owner:
+            await self.daemon.program(ResetEspPeer(claim.vtep))
+            self.counters["esp_peer_resets"] = self.counters.get("esp_peer_resets", 0) + 1
+
+    async def _reconcile(self, vni: int, slot: Slot) -> None:
+        """Make the FDB entry of ``slot`` what its claims say, whatever order they came in."""
+        claims = self.claims.get(slot)
+        winner = max(claims.values(), key=lambda c: (c.ltime, c.key)) if claims else None
+        held = self.programmed.get(slot)
+        if winner is None:
+            self.claims.pop(slot, None)
+            if held is not None:
+                del self.programmed[slot]
+                await self.daemon.program(RemovePeer(vni, slot[1]))
+                self.counters["removed"] += 1
+        elif winner != held:
+            self.programmed[slot] = winner
+            await self.daemon.program(AddPeer(vni, slot[1], winner.ip, winner.vtep, "gossip"))
             self.counters["programmed"] += 1
+
+    def _forget_network(self, network: str) -> None:
+        for slot in [s for s in self.claims if s[0] == network]:
+            del self.claims[slot]
+        for slot in [s for s in self.programmed if s[0] == network]:
+            del self.programmed[slot]
+        for key in [k for k in self.key_slots if k[0] == network]:
+            del self.key_slots[key]

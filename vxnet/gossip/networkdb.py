@@ -69,6 +69,7 @@ class TableEvent:
     key: str
     owner: str
     value: bytes
+    ltime: int = 0  # the entry's Lamport time: watchers order claims on one resource by it
 
 
 @dataclass(slots=True)
@@ -427,7 +428,9 @@ class NetworkDB:
     # ------------------------------------------------------------------- helpers
 
     def _emit(self, kind: EventKind, key: tuple[str, str, str], entry: Entry) -> None:
-        self.events.append(TableEvent(kind, key[0], key[1], key[2], entry.owner, entry.value))
+        self.events.append(
+            TableEvent(kind, key[0], key[1], key[2], entry.owner, entry.value, entry.ltime)
+        )
 
     def _net_event(self, network: str, kind: str) -> bytes:
         return _encode(
