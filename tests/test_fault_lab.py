@@ -93,8 +93,11 @@ def test_impairments_as_ping_sees_them(lab: Lab) -> None:
         assert "DUP!" in r.stdout, r.stdout
     finally:
         lab.clear_faults()
-    assert ping(lab, "a", "b") == (20, 20)
     assert lab.faults()["relays"] == {}
+    # 50 % loss on h1's cable can cost h1 a suspicion (or, on a loaded machine, a death that
+    # hides its entries until it refutes): allow the first echo a moment, then nothing is lost
+    wait_for(lambda: ping(lab, "a", "b", 1, 0.2) == (1, 1), "the first echo after clearing", 15)
+    assert ping(lab, "a", "b") == (20, 20), states(lab, "h2")
 
 
 def test_a_link_fault_touches_only_that_link(lab: Lab) -> None:

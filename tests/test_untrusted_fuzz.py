@@ -28,8 +28,10 @@ written by vxnet into root-only directories, and the daemon's answers to the CLI
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import random
+import shutil
 import socket
 import tempfile
 import warnings
@@ -167,7 +169,9 @@ class FakeChannel:
 @cache
 def _swarm() -> tuple[Path, str, bytes, bytes]:
     """A manager's store, made once: (store path, its own node id, cert, key)."""
-    path = Path(tempfile.mkdtemp(prefix="vxnet-fuzz-")) / "m.db"
+    tmp = tempfile.mkdtemp(prefix="vxnet-fuzz-")
+    atexit.register(shutil.rmtree, tmp, True)  # made once per run (cached): gone at its end
+    path = Path(tmp) / "m.db"
     key = pki.new_node_key()
     with Store.open(path) as store:
         cluster = Cluster.initialize(

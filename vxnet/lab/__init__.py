@@ -249,7 +249,10 @@ class Lab:
             if not missing:
                 return
             if time.monotonic() > deadline:
-                raise LabError(f"gossip did not converge in {timeout:.0f}s: {missing}")
+                raise LabError(
+                    f"gossip did not converge in {timeout:.0f}s: {missing}"
+                    + self._log_tails(sorted(missing))
+                )
             time.sleep(0.1)
 
     def _program_lab_peers(self) -> None:
@@ -274,6 +277,15 @@ class Lab:
                     body = {"network": e["network"], "mac": e["mac"], "ip": e["ip"], "vtep": vtep}
                     cl.post("/fdb", dict(body, origin="lab"))
 
+    def _log_tails(self, hosts: list[str], lines: int = 25) -> str:
+        """The end of each host's daemon log, for an error that has to explain itself."""
+        return "".join(
+            f"\n--- the last lines of {h}'s daemon log:\n"
+            + builder.log_tail(Path(self.state["hosts"][h]["log"]), lines)
+            for h in hosts
+            if h in self.state["hosts"]
+        )
+
     @property
     def swarm(self) -> bool:
         return "swarm" in self.state
@@ -295,8 +307,11 @@ class Lab:
             if want == have:
                 break
             if time.monotonic() > deadline:
+                hosts = {want[n] for n in set(want) ^ set(have) if n in want}
+                hosts |= {have[n] for n in set(want) ^ set(have) if n in have}
                 raise LabError(
                     f"tasks did not converge in {timeout:.0f}s: want {want}, have {have}"
+                    + self._log_tails(sorted(hosts | {self.hosts[0]}))
                 )
             time.sleep(0.1)
         self.sync_peers()

@@ -222,7 +222,7 @@ def wait_daemon(lab: str, state: dict[str, Any], host: str) -> None:
             return
         except DaemonUnavailable:
             if not daemon_alive(pid) or time.monotonic() > deadline:
-                tail = _tail(Path(state["hosts"][host]["log"]))
+                tail = log_tail(Path(state["hosts"][host]["log"]))
                 raise LabError(f"lab {lab}: the daemon of {host} did not start:\n{tail}") from None
             time.sleep(0.05)
 
@@ -274,7 +274,7 @@ def program_networks(lab: str, state: dict[str, Any], host: str) -> None:
             c.post("/networks", net)
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
