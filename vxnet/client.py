@@ -11,7 +11,9 @@ from vxnet.errors import Conflict, NotFound, UsageError, VxnetError
 
 
 class DaemonUnavailable(VxnetError):
-    """The daemon's socket does not answer."""
+    """The daemon's socket does not answer.  ``host`` names the daemon (when known)."""
+
+    host: str | None = None
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -45,10 +47,13 @@ class DaemonClient:
             resp = conn.getresponse()
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise DaemonUnavailable(
-                f"the vxnet daemon of {self.host} does not answer on {self.socket_path} ({exc}); "
+            err = DaemonUnavailable(
+                f"the vxnet daemon of {self.host} does not answer on {self.socket_path} "
+                f"({method} {path}: {exc}); "
                 "is the lab up? (`vxnet lab ls`, `vxnet lab restart HOST`)"
-            ) from None
+            )
+            err.host = self.host
+            raise err from None
         finally:
             conn.close()
         try:

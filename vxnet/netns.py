@@ -29,10 +29,17 @@ def exists(name: str) -> bool:
 
 
 def create(name: str) -> None:
-    """Create namespace ``name`` with its loopback up."""
+    """Create namespace ``name``, IPv4 only, with its loopback up.
+
+    Every namespace vxnet makes (hosts, fabric, containers) carries IPv4 only, as its overlays
+    do: IPv6 goes off before any link exists, so no link ever sends a router solicitation, DAD
+    or MLD report into a capture a learner is reading.
+    """
     if exists(name):
         raise LabError(f"network namespace {name!r} already exists")
     netns.create(name)
+    for scope in ("default", "all"):  # "default" is what links made or moved in later get
+        sysctl(name, f"net.ipv6.conf.{scope}.disable_ipv6", "1")
     with ipr(name) as ip:
         ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
 
@@ -174,9 +181,13 @@ def _check_ns_name(ns: str) -> None:
 
 
 def sysctl(ns: str, key: str, value: str) -> None:
-    """Write a ``net.*`` sysctl inside namespace ``ns``."""
+    """Write a ``net.*`` sysctl inside namespace ``ns`` (``/proc/sys/net`` is per thread's
+    namespace, so the calling thread visits it: no fork of a big, threaded daemon)."""
     path = Path("/proc/sys/" + key.replace(".", "/"))
-    run_in(ns, lambda: path.write_text(value), f"set {key}={value}")
+    try:
+        call_in(ns, lambda: path.write_text(value))
+    except OSError as exc:
+        raise LabError(f"could not set {key}={value} in namespace {ns}: {exc}") from None
 
 
 def enter(name: str) -> None:

@@ -187,7 +187,6 @@ def create_container(
     netns.create(ns)
     made: list[tuple[Endpoint, int]] = []
     try:
-        netns.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")  # an IPv4-only network, as Docker
         for index, (spec, ip) in enumerate(attach):
             endpoint = Endpoint(spec.name, str(ip), endpoint_mac(ip).hex(":"), f"eth{index}")
             made.append((endpoint, _add_tap(ns, endpoint, spec)))

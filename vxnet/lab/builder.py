@@ -128,6 +128,11 @@ def up(spec: LabSpec) -> dict[str, Any]:
             for host in spec.hosts:
                 program_networks(lab, state, host.name)
         save_state(lab, state)
+    except DaemonUnavailable as exc:  # say why: the daemon's own last words
+        known = exc.host in state["hosts"]
+        tail = log_tail(Path(state["hosts"][exc.host]["log"]), 25) if known else ""
+        down(lab)
+        raise LabError(f"lab {lab}: {exc}\n--- the last lines of its log:\n{tail}") from None
     except BaseException:
         down(lab)
         raise

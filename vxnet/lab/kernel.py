@@ -114,7 +114,6 @@ class KernelVtep:
             self.lab.state["extra_namespaces"].append(ns)
             builder.save_state(self.lab.name, self.lab.state)
         netns.create(ns)
-        netns.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")  # IPv4 only, like vxnet's
         netns.add_veth(self.namespace, port, ns, "eth0", mtu=self.mtu)
         netns.set_master(self.namespace, port, self.bridge)
         netns.set_link(ns, "eth0", state="down")
