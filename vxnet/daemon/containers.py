@@ -10,7 +10,6 @@ import ipaddress
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from pyroute2 import NetlinkError
 
 from vxnet import netns
 from vxnet.dataplane.tables import NetworkSpec, endpoint_mac
@@ -201,20 +202,31 @@ def create_container(
 
 
 def _add_tap(ns: str, endpoint: Endpoint, spec: NetworkSpec) -> int:
-    tap = "vxt" + secrets.token_hex(4)
-    fd = open_tap(tap)
+    """The endpoint's TAP, made inside the container's namespace under its final name.
+
+    The calling thread visits the namespace (:func:`netns.call_in`): the TAP is born there, so
+    it is never moved or renamed, and one netlink socket configures it.
+    """
+
+    def make() -> int:
+        fd = open_tap(endpoint.ifname)
+        try:
+            # persistent: it outlives this daemon, so a restarted one re-adopts the container
+            fcntl.ioctl(fd, TUNSETPERSIST, 1)
+            with netns.ipr(None) as ip:  # this thread is in the namespace: bound there
+                index = netns.link_index(ip, endpoint.ifname)
+                ip.link("set", index=index, address=endpoint.mac, mtu=spec.mtu)
+                ip.addr("add", index=index, address=endpoint.ip, prefixlen=spec.subnet.prefixlen)
+                ip.link("set", index=index, state="up")
+        except Exception:
+            os.close(fd)
+            raise
+        return fd
+
     try:
-        # persistent: it outlives this daemon, so a restarted one re-adopts the container
-        fcntl.ioctl(fd, TUNSETPERSIST, 1)
-        netns.set_link(None, tap, net_ns_fd=ns)
-        netns.set_link(ns, tap, ifname=endpoint.ifname)
-        netns.set_link(ns, endpoint.ifname, address=endpoint.mac, mtu=spec.mtu)
-        netns.add_address(ns, endpoint.ifname, endpoint.ip, spec.subnet.prefixlen)
-        netns.set_link(ns, endpoint.ifname, state="up")
-    except Exception:
-        os.close(fd)
-        raise
-    return fd
+        return netns.call_in(ns, make)
+    except (OSError, NetlinkError) as exc:  # refused: a clear error, and the caller unwinds
+        raise LabError(f"cannot make {endpoint.ifname} in {ns}: {exc}") from None
 
 
 def start_process(ns: str, name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
