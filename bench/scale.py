@@ -11,12 +11,15 @@ printed that was not measured.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import secrets
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -89,10 +92,63 @@ def _probe(ns: str, targets: list[str]) -> set[str]:
         return set()
 
 
+NEIGH = Path("/proc/sys/net/ipv4/neigh/default")
+
+
+def arp_table() -> dict[str, int]:
+    """The kernel's ARP table: its entries now, and how often it was full (it refused one)."""
+    r = subprocess.run(["ip", "-s", "ntable", "show", "name", "arp_cache"],
+                       capture_output=True, text=True, check=False)  # fmt: skip
+    found = dict(re.findall(r"\b(entries|table_fulls) (\d+)", r.stdout))
+    return {k: int(v) for k, v in found.items()}
+
+
+@contextlib.contextmanager
+def neighbour_room(needed: int) -> Iterator[dict[str, Any]]:
+    """Make the kernel's ARP table big enough for the lab, for this run only.
+
+    One kernel holds every namespace's ARP entries in one table, and its limits are
+    machine-wide: ``gc_thresh3`` (1024 by default) entries at most, forced garbage collection
+    above ``gc_thresh2`` (512) that may only evict entries older than 5 s.  A real 32-host
+    swarm has 32 tables; this lab has one, holding the hosts' underlay entries (every host
+    talks to every other) and every container's.  Above the limit the kernel logs "neighbor
+    table overflow" and drops the packet: the first runs of this bench lost most pairs to it.
+    Docker's answer for big hosts is the same sysctl.  The old values come back afterwards.
+    """
+    names = ("gc_thresh1", "gc_thresh2", "gc_thresh3")
+    old = {n: int((NEIGH / n).read_text()) for n in names}
+    want = {"gc_thresh1": needed, "gc_thresh2": 2 * needed, "gc_thresh3": 4 * needed}
+    raised = {n: max(old[n], want[n]) for n in names}
+    note: dict[str, Any] = {"before": old, "during": raised}
+    try:
+        for n in reversed(names):  # thresh3 first: the kernel wants 1 <= 2 <= 3 at every step
+            (NEIGH / n).write_text(str(raised[n]))
+        yield note
+    finally:
+        for n in names:
+            (NEIGH / n).write_text(str(old[n]))
+
+
 def run_scale(hosts: int = 32, containers: int = 4, json_path: str | None = None) -> int:
     """Bring up, check, measure, tear down; 0 if every pair was reachable."""
     name = "scale" + secrets.token_hex(2)
     out: dict[str, Any] = {"hosts": hosts, "containers_per_host": containers}
+    n = hosts * containers
+    # underlay (hosts to hosts, both ways), containers to containers, and a few per host
+    # for the gateways, LB addresses and ingress sandboxes
+    needed = hosts * (hosts - 1) + n * (n - 1) + 8 * hosts
+    with neighbour_room(needed) as room:
+        table_before = arp_table()
+        code = _run(name, hosts, containers, out)
+        out["arp_table"] = dict(room, table_fulls=arp_table().get("table_fulls", 0)
+                                - table_before.get("table_fulls", 0))  # fmt: skip
+    print(render(out), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=1) + "\n")
+    return code
+
+
+def _run(name: str, hosts: int, containers: int, out: dict[str, Any]) -> int:
     t0 = time.monotonic()
     progress(f"scale: lab {name}, {hosts} hosts (swarm: 1 manager, {hosts - 1} workers)")
     with Lab(hosts=hosts, name=name) as lab:
@@ -149,9 +205,6 @@ def run_scale(hosts: int = 32, containers: int = 4, json_path: str | None = None
         out["daemon_rss_mb"] = {"median": statistics.median(rss), "max": max(rss), "all": rss}
         out["containers_rss_mb_per_host"] = _container_rss(started, hosts)
     out["teardown_s"] = time.monotonic() - t0 - out["bring_up_s"] - out["reachability_s"]
-    print(render(out), flush=True)
-    if json_path:
-        Path(json_path).write_text(json.dumps(out, indent=1) + "\n")
     return 0 if ok == pairs else 1
 
 
@@ -163,6 +216,7 @@ def _container_rss(started: list[dict[str, Any]], hosts: int) -> float:
 
 def render(out: dict[str, Any]) -> str:
     rss = out["daemon_rss_mb"]
+    before, during = out["arp_table"]["before"], out["arp_table"]["during"]
     lines = [
         f"vxnet bench --scale: {out['hosts']} hosts x {out['containers_per_host']} containers "
         f"on one overlay, swarm mode (gossip programs the FDBs)",
@@ -177,6 +231,10 @@ def render(out: dict[str, Any]) -> str:
         f"daemon RSS per host {rss['median']:7.1f} MB median, {rss['max']:.1f} MB max",
         f"containers per host {out['containers_rss_mb_per_host']:7.1f} MB RSS (idle processes)",
         f"teardown            {out['teardown_s']:7.1f} s",
+        f"kernel ARP table    gc_thresh1/2/3 {before['gc_thresh1']}/{before['gc_thresh2']}/"
+        f"{before['gc_thresh3']} raised to {during['gc_thresh1']}/{during['gc_thresh2']}/"
+        f"{during['gc_thresh3']} for the run (one kernel, one table for every host), "
+        f"restored; table full {out['arp_table']['table_fulls']} times during the run",
     ]
     if out["unreachable"]:
         lines.append("unreachable (first 50): " + ", ".join(out["unreachable"]))

@@ -6,6 +6,7 @@ Layers: this trio service owns the control side and the HTTP API; the frames mov
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -103,6 +104,10 @@ class Daemon:
         self.lock = trio.Lock()  # serialises changes to networks and containers
         self.attacher: Attacher | None = None  # set when the node is in a swarm
         self.swarm_networks: set[str] = set()  # networks programmed from the manager
+        # networks a container is being attached to right now: the manager has given it an
+        # address, the container is not made yet, and an assignment computed before the
+        # attachment must not prune the network from under it (a dead TAP in the scale bench)
+        self.attaching: collections.Counter[str] = collections.Counter()
         self.network_ids: dict[str, str] = {}  # swarm network name -> id (networkdb's key)
         self.network_names: dict[str, str] = {}  # and back
         self.peers: Peers | None = None  # gossip's overlay_peer_table, once the node gossips
@@ -126,10 +131,17 @@ class Daemon:
     def swarm_ingress(self, network: str) -> bool:
         return network in self.ingress_networks
 
-    async def program(self, update: TableUpdate) -> None:
-        """Hand one table update to the dataplane thread and wait until it is applied."""
+    async def program(self, update: TableUpdate, *, check: bool = False) -> None:
+        """Hand one table update to the dataplane thread and wait until it is applied.
+
+        With ``check``, an update the switch refused (a port for a network it no longer has)
+        raises :class:`UsageError`; otherwise it is only counted (``update_errors``).
+        """
         seq = self.dataplane.submit(update)
         await trio.to_thread.run_sync(self.dataplane.wait_applied, seq)
+        why = self.dataplane.refusal(seq)
+        if check and why is not None:
+            raise UsageError(f"the dataplane refused {why}")
 
     async def ensure_network(self, spec: NetworkSpec, network_id: str | None = None) -> None:
         """Program a swarm network (idempotent; a changed definition replaces the old one)."""
@@ -164,6 +176,7 @@ class Daemon:
         """Remove swarm networks not in ``keep`` that no local container uses any more."""
         async with self.lock:
             in_use = {e.network for c in self.containers.values() for e in c.endpoints}
+            in_use |= set(self.attaching)
             for name in sorted(self.swarm_networks - keep - in_use):
                 await self._drop_swarm_network(name)
 
@@ -289,15 +302,23 @@ class Daemon:
             # (attachable?) and gives the address, never this node's own pick
             if name in self.containers:
                 raise Conflict(f'the container name "{name}" is already in use')
-            spec, ip = await self.attacher.attach(name, network, wanted)
+            self.attaching[network] += 1
             try:
-                container = await self.start_container(
-                    name, [(spec, ip)], image, cmd, publish=publish, aliases=aliases, dns=dns,
-                    attached=True,
-                )  # fmt: skip
-            except BaseException:
-                await self.attacher.detach(name)
-                raise
+                spec, ip = await self.attacher.attach(name, network, wanted)
+                self.attaching[spec.name] += 1
+                try:
+                    container = await self.start_container(
+                        name, [(spec, ip)], image, cmd, publish=publish, aliases=aliases,
+                        dns=dns, attached=True,
+                    )  # fmt: skip
+                except BaseException:
+                    await self.attacher.detach(name)
+                    raise
+                finally:
+                    self.attaching[spec.name] -= 1
+            finally:
+                self.attaching[network] -= 1
+                self.attaching += collections.Counter()  # drop the zeros
             return container.to_json()
         spec = self._network(network)
         if publish and spec.name not in self.swarm_networks:
@@ -334,12 +355,20 @@ class Daemon:
             ns, made = await trio.to_thread.run_sync(
                 ctr.create_container, self.config.ns_prefix, name, attach
             )
-            for (spec, ip), (endpoint, fd) in zip(attach, made, strict=True):
-                await self.program(
-                    AddPort(spec.vni, endpoint.port_id(name), fd, endpoint_mac(ip), ip)
-                )
             endpoints = [e for e, _ in made]
             container = ctr.Container(name, endpoints, ns, image, cmd, task_id, attached)
+            for index, ((spec, ip), (endpoint, fd)) in enumerate(zip(attach, made, strict=True)):
+                try:
+                    await self.program(
+                        AddPort(spec.vni, endpoint.port_id(name), fd, endpoint_mac(ip), ip),
+                        check=True,
+                    )
+                except UsageError:  # the switch closed this fd; the rest are still ours
+                    for _, later in made[index + 1 :]:
+                        os.close(later)
+                    container.endpoints = endpoints[:index]
+                    await self._unwind(container)
+                    raise
             container.service = service
             container.publish = list(publish or [])
             container.aliases = list(aliases or [])

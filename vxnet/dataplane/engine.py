@@ -117,6 +117,7 @@ class Dataplane:
         self._submitted = 0
         self._watched: set[int] = set()
         self.update_errors = 0  # updates the switch refused (the daemon validates first)
+        self._refused: dict[int, str] = {}  # seq -> why, until the submitter asks (bounded)
         self.realtime = False  # the thread runs SCHED_FIFO (see _realtime)
 
     def _rebind(self, update: SetUnderlay) -> None:
@@ -193,6 +194,11 @@ class Dataplane:
         """Block until update ``seq`` has been applied by the dataplane thread."""
         with self._applied:
             return self._applied.wait_for(lambda: self._generation >= seq, timeout)
+
+    def refusal(self, seq: int) -> str | None:
+        """Why the switch refused update ``seq`` (once applied), or None if it took it."""
+        with self._applied:
+            return self._refused.pop(seq, None)
 
     def close(self) -> None:
         self._running = False
@@ -308,9 +314,13 @@ class Dataplane:
                 else:
                     released = self.switch.apply(update)
                     self._apply_esp(update)
-            except (VxnetError, OSError):
+            except (VxnetError, OSError) as exc:
                 self.update_errors += 1
                 released = [update.fd] if isinstance(update, AddPort) else []
+                with self._applied:
+                    self._refused[self._generation + 1] = f"{type(update).__name__}: {exc}"
+                    while len(self._refused) > 256:  # submitters that never ask
+                        del self._refused[next(iter(self._refused))]
             else:
                 if isinstance(update, AddPort):
                     port = self.switch.ports.get(update.port_id)
