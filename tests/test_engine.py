@@ -80,37 +80,3 @@ def test_the_thread_runs_real_time_only_when_asked(monkeypatch: Any, setting: st
         assert policy == (os.SCHED_FIFO if setting == "1" else os.SCHED_OTHER)
     finally:
         dp.close()
-
-
-@pytest.mark.parametrize(
-    ("setting", "us"), [("", 0), ("150", 150), ("99999", 10_000), ("-5", 0), ("soon", 0)]
-)
-def test_the_spin_window_is_read_bounded_and_shown(monkeypatch: Any, setting: str, us: int) -> None:
-    """VXNET_DATAPLANE_SPIN_US: off by default, clamped to 0-10,000, nonsense is off."""
-    if setting:
-        monkeypatch.setenv("VXNET_DATAPLANE_SPIN_US", setting)
-    else:
-        monkeypatch.delenv("VXNET_DATAPLANE_SPIN_US", raising=False)
-    dp = Dataplane("127.0.0.1", 47894)
-    try:
-        assert dp.stats()["spin_us"] == us
-    finally:
-        dp.close()
-
-
-def test_a_spinning_loop_still_forwards_and_ticks(monkeypatch: Any) -> None:
-    """With a spin window the loop polls without sleeping after traffic, then sleeps again."""
-    monkeypatch.setenv("VXNET_DATAPLANE_SPIN_US", "2000")
-    dp = Dataplane("127.0.0.1", 47895)
-    dp.start()
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for _ in range(20):  # garbage: each datagram is read, counted and dropped
-                s.sendto(b"\x00" * 4, ("127.0.0.1", 47895))
-                time.sleep(0.001)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and sum(dp.stats()["global"]["drops"].values()) < 20:
-            time.sleep(0.01)
-        assert sum(dp.stats()["global"]["drops"].values()) == 20
-    finally:
-        dp.close()

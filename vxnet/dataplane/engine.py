@@ -117,7 +117,6 @@ class Dataplane:
         self._submitted = 0
         self._watched: set[int] = set()
         self.update_errors = 0  # updates the switch refused (the daemon validates first)
-        self.spin = _spin_seconds()
         self._refused: dict[int, str] = {}  # seq -> why, until the submitter asks (bounded)
         self.realtime = False  # the thread runs SCHED_FIFO (see _realtime)
 
@@ -246,10 +245,7 @@ class Dataplane:
         readv = os.readv
         readinto = os.readv
         monotonic = time.monotonic
-        poll = self._epoll.poll
-        spin = self.spin
         next_tick = 0.0
-        spin_until = 0.0
         while self._running:
             now = monotonic()  # once per wakeup, never per frame: the switch has no clock
             if now >= next_tick:
@@ -258,12 +254,7 @@ class Dataplane:
             sock_fd = self._sock.fileno()  # the sockets change only in _apply_pending, below
             esp_fd = self._esp.fileno()
             recvfrom_into = self._sock.recvfrom_into
-            events = poll(0 if now < spin_until else TICK)
-            if not events:
-                continue
-            if spin:
-                spin_until = monotonic() + spin
-            for fd, _events in events:
+            for fd, _events in self._epoll.poll(TICK):
                 if fd == esp_fd:
                     for _ in range(BATCH):
                         try:
@@ -346,12 +337,7 @@ class Dataplane:
                 self._generation += 1
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "realtime": self.realtime,
-            "spin_us": round(self.spin * 1e6),
-            **self.switch.stats(),
-        }
+        return {"path": self.path, "realtime": self.realtime, **self.switch.stats()}
 
     def fdb(self) -> list[dict[str, Any]]:
         return self.switch.fdb()
@@ -392,25 +378,6 @@ def _esp_socket(address: str) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
-
-
-def _spin_seconds() -> float:
-    """How long the loop keeps polling without sleeping after it handled something.
-
-    A frame's round trip crosses two dataplanes twice; each crossing that starts from a sleep
-    in ``epoll_wait`` pays a thread wake-up (tens of microseconds on a VM, more on an idle
-    vCPU).  The kernel's own path never sleeps.  Polling for a moment after each burst lets
-    the reply of the same exchange find the thread awake: a ping's request wakes the sender's
-    dataplane and the reply arrives while it still polls.  ``VXNET_DATAPLANE_SPIN_US``
-    (default 0: off), at most 10,000; it costs CPU only for that long after traffic.
-    """
-    raw = os.environ.get("VXNET_DATAPLANE_SPIN_US", "0")
-    try:
-        us = int(raw)
-    except ValueError:
-        log.warning("VXNET_DATAPLANE_SPIN_US=%r is not a number of microseconds: off", raw)
-        return 0.0
-    return min(max(us, 0), 10_000) / 1e6
 
 
 def _realtime() -> bool:
