@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.measure import progress, rss_mb
 from vxnet import netns
-from vxnet.lab import Lab
+from vxnet.lab import Lab, neigh
 
 NETWORK = "front"
 PARALLEL = 16  # containers started / probers run at once
@@ -92,9 +92,6 @@ def _probe(ns: str, targets: list[str]) -> set[str]:
         return set()
 
 
-NEIGH = Path("/proc/sys/net/ipv4/neigh/default")
-
-
 def arp_table() -> dict[str, int]:
     """The kernel's ARP table: its entries now, and how often it was full (it refused one)."""
     r = subprocess.run(["ip", "-s", "ntable", "show", "name", "arp_cache"],
@@ -115,29 +112,25 @@ def neighbour_room(needed: int) -> Iterator[dict[str, Any]]:
     table overflow" and drops the packet: the first runs of this bench lost most pairs to it.
     Docker's answer for big hosts is the same sysctl.  The old values come back afterwards.
     """
-    names = ("gc_thresh1", "gc_thresh2", "gc_thresh3")
-    old = {n: int((NEIGH / n).read_text()) for n in names}
+    names = neigh.THRESHOLDS
+    old = neigh.limits()
     want = {"gc_thresh1": needed, "gc_thresh2": 2 * needed, "gc_thresh3": 4 * needed}
     raised = {n: max(old[n], want[n]) for n in names}
     note: dict[str, Any] = {"before": old, "during": raised}
     try:
         for n in reversed(names):  # thresh3 first: the kernel wants 1 <= 2 <= 3 at every step
-            (NEIGH / n).write_text(str(raised[n]))
+            (neigh.NEIGH / n).write_text(str(raised[n]))
         yield note
     finally:
         for n in names:
-            (NEIGH / n).write_text(str(old[n]))
+            (neigh.NEIGH / n).write_text(str(old[n]))
 
 
 def run_scale(hosts: int = 32, containers: int = 4, json_path: str | None = None) -> int:
     """Bring up, check, measure, tear down; 0 if every pair was reachable."""
     name = "scale" + secrets.token_hex(2)
     out: dict[str, Any] = {"hosts": hosts, "containers_per_host": containers}
-    n = hosts * containers
-    # underlay (hosts to hosts, both ways), containers to containers, and a few per host
-    # for the gateways, LB addresses and ingress sandboxes
-    needed = hosts * (hosts - 1) + n * (n - 1) + 8 * hosts
-    with neighbour_room(needed) as room:
+    with neighbour_room(neigh.needed_entries(hosts, hosts * containers)) as room:
         table_before = arp_table()
         code = _run(name, hosts, containers, out)
         out["arp_table"] = dict(room, table_fulls=arp_table().get("table_fulls", 0)

@@ -20,7 +20,7 @@ import click
 from vxnet import __version__, netns
 from vxnet.client import DaemonClient
 from vxnet.errors import UsageError, VxnetError
-from vxnet.lab import Lab, builder, fault
+from vxnet.lab import Lab, builder, fault, neigh
 from vxnet.lab.topology import DEFAULT_LAB, check_lab_name, default_spec, load_spec
 
 
@@ -118,6 +118,9 @@ def lab_up(name: str | None, hosts: int | None, no_swarm: bool, file: str | None
     )
     if no_swarm:
         spec = dataclasses.replace(spec, swarm=False)
+    note = neigh.advice(len(spec.hosts), len(spec.containers))
+    if note:
+        click.echo(note, err=True)
     t0 = time.monotonic()
     lab_obj = Lab(spec=spec)
     click.echo(
