@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6NDOptDstLLAddr, IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from vxnet.dataplane.switch import Counters, Switch
+from vxnet.dataplane.model import Counters
+from vxnet.dataplane.switch import Switch
 from vxnet.dataplane.tables import (
     AddNetwork,
     AddPeer,

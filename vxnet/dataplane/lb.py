@@ -58,7 +58,7 @@ from vxnet.dataplane.tables import (
 from vxnet.errors import UsageError
 
 if TYPE_CHECKING:
-    from vxnet.dataplane.switch import Counters
+    from vxnet.dataplane.model import Counters
 
 _PROTO = {"tcp": TCP, "udp": UDP}
 MAX_WEIGHT = 255

@@ -19,11 +19,11 @@ import functools
 import ipaddress
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 from vxnet.dataplane.gro import Coalescer
 from vxnet.dataplane.gso import finish_checksum, segment_tcp
-from vxnet.dataplane.lb import LoadBalancer, Vip, check_settings
+from vxnet.dataplane.model import ETH_HLEN, Counters, Net, Port
+from vxnet.dataplane.model import drop as _drop
 from vxnet.dataplane.proxy import (
     ETYPE_ARP,
     ETYPE_IPV6,
@@ -31,27 +31,15 @@ from vxnet.dataplane.proxy import (
     is_neighbour_solicitation,
     nd_advertisement,
 )
+from vxnet.dataplane.switch_tables import SwitchTables
 from vxnet.dataplane.tables import (
-    AddNetwork,
-    AddPeer,
-    AddPort,
     LbSettings,
-    NetworkSpec,
-    RemoveNetwork,
-    RemovePeer,
-    RemovePort,
-    RemoveService,
-    SetLoadBalancer,
-    SetService,
-    TableUpdate,
 )
 from vxnet.dataplane.vnet import GSO_TCPV4, GSO_TCPV6, HDR, NEEDS_CSUM, PLAIN
 from vxnet.errors import BadPacket, UsageError
 from vxnet.esp.sa import SequenceExhausted
 from vxnet.esp.sadb import SADB
-from vxnet.wire.vxlan import vxlan_header
 
-ETH_HLEN = 14
 VXLAN_HLEN = 8
 Buf = bytes | bytearray | memoryview
 #: ``(fd, virtio_net_hdr or b"", frame)``: one frame (or super-frame) to a TAP.
@@ -79,102 +67,7 @@ def _ip(text: str) -> ipaddress.IPv4Address:
 SendUdp = Callable[[Sequence[Buf], tuple[str, int]], int]
 
 
-class Counters:
-    """Per-network counters: plain attributes, the cheapest thing Python can increment."""
-
-    __slots__ = (
-        "arp_replies",
-        "drops",
-        "esp_rx",
-        "esp_tx",
-        "gso_rx",
-        "gso_tx",
-        "lb_active",
-        "lb_new",
-        "local_bytes",
-        "local_frames",
-        "nd_replies",
-        "rx_bytes",
-        "rx_frames",
-        "tx_bytes",
-        "tx_frames",
-    )
-
-    def __init__(self) -> None:
-        self.rx_frames = self.rx_bytes = 0  # decapsulated from the underlay
-        self.tx_frames = self.tx_bytes = 0  # encapsulated onto the underlay
-        self.local_frames = self.local_bytes = 0  # switched between two local TAPs
-        self.arp_replies = self.nd_replies = 0
-        self.esp_rx = self.esp_tx = 0  # of the frames above, how many travelled as ESP
-        self.gso_rx = self.gso_tx = 0  # of the frames above, how many were TCP super-frames
-        self.lb_new = self.lb_active = 0  # VIP connections opened, and in the table now
-        self.drops: dict[str, int] = {}
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__}
-        out["drops"] = dict(self.drops)
-        return out
-
-
-class Port:
-    """A local endpoint: a TAP fd on one network."""
-
-    __slots__ = ("fd", "ip", "mac", "net", "offload", "plain", "port_id", "vnet")
-
-    def __init__(
-        self, port_id: str, fd: int, mac: bytes, ip: bytes, net: Net, vnet: bool = False
-    ) -> None:
-        self.port_id = port_id
-        self.fd = fd
-        self.mac = mac
-        self.ip = ip
-        self.net = net
-        self.vnet = vnet  # frames on this fd carry a virtio_net_hdr
-        self.plain = PLAIN if vnet else b""  # the header of a frame with nothing to offload
-        self.offload = vnet and net.offload  # partial checksums and super-frames both ways
-
-
-class Net:
-    """One VNI's switch state."""
-
-    __slots__ = (
-        "counters",
-        "encrypted",
-        "hdr",
-        "lb",
-        "lb_macs",
-        "local",
-        "max_frame",
-        "neigh",
-        "offload",
-        "remote",
-        "spec",
-        "vni",
-    )
-
-    def __init__(self, spec: NetworkSpec, offload: bool = False) -> None:
-        self.spec = spec
-        # TAP offloads for this network's ports; never with ESP (it cannot carry super-frames)
-        self.offload = offload and not spec.encrypted
-        self.vni = spec.vni
-        self.hdr = vxlan_header(spec.vni)
-        self.encrypted = spec.encrypted
-        self.max_frame = ETH_HLEN + spec.mtu
-        self.local: dict[bytes, Port] = {}  # MAC -> local port
-        self.remote: dict[bytes, tuple[str, int]] = {}  # MAC -> (VTEP address, port): the FDB
-        self.neigh: dict[bytes, bytes] = {spec.gateway.packed: spec.gateway_mac}  # IP -> MAC
-        self.counters = Counters()
-        self.lb: LoadBalancer | None = None  # VIP load balancing, once a service or LB is set
-        # the MACs the load balancer handles (VIPs -> Vip, the LB's own -> None): one lookup
-        # per frame, on an empty dict for networks without services
-        self.lb_macs: dict[bytes, Vip | None] = {}
-
-
-def _drop(counters: Counters, reason: str) -> None:
-    counters.drops[reason] = counters.drops.get(reason, 0) + 1
-
-
-class Switch:
+class Switch(SwitchTables):
     """All VNIs of one host.  ``from_tap`` and ``from_underlay`` are the hot path."""
 
     def __init__(
@@ -599,165 +492,3 @@ class Switch:
         else:
             c.nd_replies += 1
         self._write_raw(port, port.plain, reply)
-
-    # ------------------------------------------------------------------ the table interface
-
-    def apply(self, update: TableUpdate) -> list[int]:
-        """Apply one control-plane update; return the TAP fds it released (stop watching them).
-
-        Raises :class:`UsageError` for an update that names a VNI this switch does not have.
-        """
-        if isinstance(update, AddNetwork):
-            self._add_network(update.spec)
-        elif isinstance(update, RemoveNetwork):
-            return self._remove_network(update.vni)
-        elif isinstance(update, AddPort):
-            self._add_port(update)
-        elif isinstance(update, RemovePort):
-            fd = self._remove_port(update.port_id)
-            return [] if fd is None else [fd]
-        elif isinstance(update, AddPeer):
-            self._add_peer(update)
-        elif isinstance(update, RemovePeer):
-            self._remove_peer(update.vni, update.mac)
-        elif isinstance(update, SetLoadBalancer | SetService | RemoveService | LbSettings):
-            self._apply_lb(update)
-        return []
-
-    def _apply_lb(self, update: SetLoadBalancer | SetService | RemoveService | LbSettings) -> None:
-        if isinstance(update, LbSettings):
-            check_settings(update)  # UsageError before anything changed
-            for net in self.nets.values():
-                if net.lb is not None:
-                    net.lb.configure(update)
-            self.lb_settings = update
-            return
-        net = self._net(update.vni)
-        lb = net.lb
-        if lb is None:
-            lb = net.lb = LoadBalancer(net.counters, self.lb_settings)
-            lb.now = self.now
-            net.lb_macs = lb.macs
-        for mac, rst in lb.apply(update, net.neigh, net.local):  # RSTs for clients that lost
-            port = net.local.get(mac)  # their backend: they fail now, not after 2 h of silence
-            if port is not None:
-                self._write_port(port, bytearray(rst))
-
-    def set_data_port(self, port: int) -> None:
-        """Every remote VTEP is now reached on ``port`` (the cluster's data-path port)."""
-        self.data_port = port
-        for net in self.nets.values():
-            net.remote = {mac: (vtep, port) for mac, (vtep, _) in net.remote.items()}
-
-    def _net(self, vni: int) -> Net:
-        net = self.nets.get(vni)
-        if net is None:
-            raise UsageError(f"no network with VNI {vni} on this host")
-        return net
-
-    def _add_network(self, spec: NetworkSpec) -> None:
-        old = self.nets.get(spec.vni)
-        net = Net(spec, self.offload)
-        if old is not None:  # re-programming keeps endpoints, peers and counters
-            net.local, net.remote, net.counters = old.local, old.remote, old.counters
-            net.lb, net.lb_macs = old.lb, old.lb_macs
-            net.neigh.update(old.neigh)
-            for port in net.local.values():
-                port.net = net
-                port.offload = port.vnet and net.offload
-        self.nets[spec.vni] = net
-        self.peers.setdefault(spec.vni, {})
-
-    def _remove_network(self, vni: int) -> list[int]:
-        net = self.nets.pop(vni, None)
-        self.peers.pop(vni, None)
-        if net is None:
-            return []
-        released = [self._remove_port(port.port_id) for port in list(net.local.values())]
-        return [fd for fd in released if fd is not None]
-
-    def _add_port(self, update: AddPort) -> None:
-        net = self._net(update.vni)
-        vnet = self._is_vnet(update.fd)
-        port = Port(update.port_id, update.fd, update.mac, update.ip.packed, net, vnet)
-        self.ports[port.port_id] = port
-        self.ports_by_fd[port.fd] = port
-        net.local[port.mac] = port
-        net.neigh[port.ip] = port.mac
-
-    def _remove_port(self, port_id: str) -> int | None:
-        port = self.ports.pop(port_id, None)
-        if port is None:
-            return None
-        self.ports_by_fd.pop(port.fd, None)
-        if self.gro is not None:
-            self.gro.forget(port)
-        net = port.net
-        if net.local.get(port.mac) is port:
-            del net.local[port.mac]
-        if net.neigh.get(port.ip) == port.mac and port.mac not in net.lb_macs:
-            del net.neigh[port.ip]  # (the LB address stays answered after the ingress sandbox)
-        return port.fd
-
-    def _add_peer(self, update: AddPeer) -> None:
-        net = self._net(update.vni)
-        net.remote[update.mac] = (str(update.vtep), self.data_port)
-        net.neigh[update.ip.packed] = update.mac
-        self.peers[update.vni][update.mac] = (str(update.ip), str(update.vtep), update.origin)
-
-    def _remove_peer(self, vni: int, mac: bytes) -> None:
-        net = self.nets.get(vni)
-        entry = self.peers.get(vni, {}).pop(mac, None)
-        if net is None or entry is None:
-            return
-        net.remote.pop(mac, None)
-        ip = ipaddress.ip_address(entry[0]).packed
-        if net.neigh.get(ip) == mac:
-            del net.neigh[ip]
-
-    # ------------------------------------------------------------------------- read side
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "global": self.counters.as_dict(),
-            "networks": {
-                net.spec.name: {"vni": vni, **net.counters.as_dict()}
-                for vni, net in list(self.nets.items())
-            },
-        }
-
-    def lb_table(self) -> list[dict[str, Any]]:
-        """Every VIP with its port map and backends (weight, active connections)."""
-        return self._lb_rows(LoadBalancer.services)
-
-    def conntrack(self) -> list[dict[str, Any]]:
-        """Every load-balanced connection: client, VIP, SNAT and backend ends, state, expiry."""
-        return self._lb_rows(LoadBalancer.connections)
-
-    def _lb_rows(
-        self, rows: Callable[[LoadBalancer], list[dict[str, Any]]]
-    ) -> list[dict[str, Any]]:  # safe from another thread, as stats() is
-        return [
-            {"network": net.spec.name, "vni": vni, **row}
-            for vni, net in list(self.nets.items())
-            if net.lb is not None
-            for row in rows(net.lb)
-        ]
-
-    def fdb(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        for vni, peers in list(self.peers.items()):
-            net = self.nets.get(vni)
-            name = net.spec.name if net else "?"
-            for mac, (ip, vtep, origin) in list(peers.items()):
-                rows.append(
-                    {
-                        "network": name,
-                        "vni": vni,
-                        "mac": mac.hex(":"),
-                        "ip": ip,
-                        "vtep": vtep,
-                        "origin": origin,
-                    }
-                )
-        return rows
