@@ -28,12 +28,9 @@ Member records move through the table of :mod:`~vxnet.gossip.states`.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 from vxnet.gossip.awareness import Awareness
 from vxnet.gossip.broadcast import TransmitLimitedQueue
@@ -70,6 +67,19 @@ from vxnet.gossip.states import (
     ip_bytes,
     ip_text,
 )
+from vxnet.gossip.swim_records import (
+    Addr,
+    Datagram,
+    Probe,
+    Relay,
+    RemoteState,
+    StreamOp,
+    StreamWait,
+    Timers,
+    UserMessage,
+    next_tick,
+    reply_addr,
+)
 
 __all__ = [
     "Config",
@@ -83,90 +93,7 @@ __all__ = [
     "UserMessage",
 ]
 
-Addr = tuple[str, int]
 _USER = b"\x08"
-
-
-# ---------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True, slots=True)
-class Datagram:
-    """One UDP packet: a single message, or a compound if several; CRC-prefixed if ``crc``."""
-
-    dest: Addr
-    messages: tuple[bytes, ...]
-    crc: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StreamOp:
-    """Open TCP to ``dest``, send ``message``, read one reply, report it via ``stream_result``
-    (give up after ``timeout`` seconds)."""
-
-    op_id: int
-    dest: Addr
-    message: Message
-    timeout: float = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class UserMessage:
-    """An application message (``[8][payload]``) from UDP or TCP."""
-
-    payload: bytes
-    src: Addr
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteState:
-    """The application part of a push/pull we took part in (memberlist's MergeRemoteState)."""
-
-    user_state: bytes
-    join: bool
-
-
-@dataclass(slots=True)
-class _Probe:
-    """The probe in flight (memberlist's ``probeNode`` goroutine, as data)."""
-
-    seq_no: int
-    name: str
-    incarnation: int
-    dest: Addr
-    pmax: int
-    timeout_at: float  # the direct ping gives up: go indirect
-    deadline: float  # the whole probe gives up: suspect
-    indirect_sent: bool = False
-    expected_nacks: int = 0
-    nacks: int = 0
-    fallback_ok: bool = False
-
-
-@dataclass(slots=True)
-class _Relay:
-    """An indirect ping we run for another node."""
-
-    seq_no: int  # the requester's sequence number
-    reply_to: Addr
-    nack: bool
-    deadline: float
-
-
-@dataclass(slots=True)
-class _Stream:
-    kind: Literal["join", "push_pull", "ping"]
-    join: bool = False
-    seq_no: int = 0
-
-
-@dataclass(slots=True)
-class _Timers:
-    probe: float
-    gossip: float
-    push_pull: float
-    push_pull_armed: bool = False
-    probe_pending: bool = False  # a probe tick arrived while a probe was running
 
 
 # ---------------------------------------------------------------------------- the protocol
@@ -208,12 +135,12 @@ class Memberlist:
         )
         self._probe_index = 0
         self._seq_no = 0
-        self._probe: _Probe | None = None
-        self._relays: dict[int, _Relay] = {}
-        self._streams: dict[int, _Stream] = {}
+        self._probe: Probe | None = None
+        self._relays: dict[int, Relay] = {}
+        self._streams: dict[int, StreamWait] = {}
         self._op_id = 0
         self._leave_sent = False
-        self._timers = _Timers(
+        self._timers = Timers(
             probe=now + rng.random() * config.probe_interval,
             gossip=now + rng.random() * config.gossip_interval,
             push_pull=now + rng.random() * config.push_pull_interval,
@@ -230,7 +157,7 @@ class Memberlist:
         """Push/pull with each seed (``Join``); results come back through stream_result."""
         for seed in seeds:
             self.counters["joins"] += 1
-            self._stream(seed, self.local_state(join=True), _Stream("join", join=True))
+            self._stream(seed, self.local_state(join=True), StreamWait("join", join=True))
 
     def receive(self, messages: Sequence[Message], src: Addr, now: float) -> None:
         """One UDP packet, already decrypted, CRC-checked, decompressed and decompounded."""
@@ -275,13 +202,13 @@ class Memberlist:
         self._advance_probe(now)
         t = self._timers
         if now >= t.probe:
-            t.probe = _next_tick(t.probe, self.config.probe_interval, now)
+            t.probe = next_tick(t.probe, self.config.probe_interval, now)
             if self._probe is None:
                 self._start_probe(now)
             else:
                 t.probe_pending = True
         if now >= t.gossip:
-            t.gossip = _next_tick(t.gossip, self.config.gossip_interval, now)
+            t.gossip = next_tick(t.gossip, self.config.gossip_interval, now)
             self._gossip(now)
         if now >= t.push_pull:
             if t.push_pull_armed:
@@ -457,7 +384,7 @@ class Memberlist:
             return
         self.counters["pings_received"] += 1
         ack = encode_message(Ack(ping.seq_no, self.ack_payload))
-        self._send_msg(_reply_addr(ping.source_addr, ping.source_port, src), ack)
+        self._send_msg(reply_addr(ping.source_addr, ping.source_port, src), ack)
 
     def _on_indirect_ping(self, ind: IndirectPing, src: Addr, now: float) -> None:
         target = ip_text(ind.target)
@@ -466,8 +393,8 @@ class Memberlist:
             return
         port = ind.port if ind.port and self.config.protocol_version >= 2 else self.port
         seq = self._next_seq_no()
-        reply_to = _reply_addr(ind.source_addr, ind.source_port, src)
-        self._relays[seq] = _Relay(ind.seq_no, reply_to, ind.nack, now + self.config.probe_timeout)
+        reply_to = reply_addr(ind.source_addr, ind.source_port, src)
+        self._relays[seq] = Relay(ind.seq_no, reply_to, ind.nack, now + self.config.probe_timeout)
         self.counters["pings_relayed"] += 1
         self._send_msg((target, port), self._ping(seq, ind.node))
 
@@ -519,7 +446,7 @@ class Memberlist:
     def _probe_node(self, node: MemberRecord, now: float) -> None:
         interval = self._awareness.scale_timeout(self.config.probe_interval)
         seq = self._next_seq_no()
-        self._probe = _Probe(
+        self._probe = Probe(
             seq,
             node.name,
             node.incarnation,
@@ -545,7 +472,7 @@ class Memberlist:
         if now >= probe.deadline:
             self._finish_probe(now, ok=probe.fallback_ok)
 
-    def _probe_indirect(self, probe: _Probe, now: float) -> None:
+    def _probe_indirect(self, probe: Probe, now: float) -> None:
         """No direct ack in time: ask others to ping, and try TCP ourselves."""
         probe.indirect_sent = True
         peers = self._table.k_random(
@@ -571,10 +498,10 @@ class Memberlist:
         if not self.config.disable_tcp_pings and probe.pmax >= 3:
             self.counters["tcp_fallbacks"] += 1
             ping = Ping(probe.seq_no, probe.name, self._addr_bytes, self.port, self.name)
-            op = _Stream("ping", seq_no=probe.seq_no)
+            op = StreamWait("ping", seq_no=probe.seq_no)
             self._stream(probe.dest, ping, op, timeout=max(probe.deadline - now, 0.0))
 
-    def _fallback_result(self, op: _Stream, reply: Message | None) -> None:
+    def _fallback_result(self, op: StreamWait, reply: Message | None) -> None:
         probe = self._probe
         if isinstance(reply, Ack) and reply.seq_no == op.seq_no:
             self.counters["tcp_fallback_acks"] += 1
@@ -634,7 +561,7 @@ class Memberlist:
         nodes = self._table.k_random(1, lambda n: n.name == self.name or n.state != NodeState.ALIVE)
         if nodes:
             self.counters["push_pulls"] += 1
-            self._stream(nodes[0].dest, self.local_state(join=False), _Stream("push_pull"))
+            self._stream(nodes[0].dest, self.local_state(join=False), StreamWait("push_pull"))
 
     def _merge(self, pp: PushPull, join: bool, now: float) -> bool:
         if not self._table.merge(pp.nodes, now, self.port):
@@ -665,7 +592,9 @@ class Memberlist:
             msgs.extend(_USER + m for m in user)
         return msgs
 
-    def _stream(self, dest: Addr, msg: Message, op: _Stream, timeout: float | None = None) -> None:
+    def _stream(
+        self, dest: Addr, msg: Message, op: StreamWait, timeout: float | None = None
+    ) -> None:
         self._op_id += 1
         self._streams[self._op_id] = op
         wait = self.config.tcp_timeout if timeout is None else timeout
@@ -680,15 +609,3 @@ class Memberlist:
     def _next_seq_no(self) -> int:
         self._seq_no = (self._seq_no + 1) & 0xFFFFFFFF
         return self._seq_no
-
-
-def _reply_addr(source_addr: bytes, source_port: int, src: Addr) -> Addr:
-    """Where to answer: the advertised source if the message carries one, else the sender."""
-    text = ip_text(source_addr) if source_addr else None
-    return (text, source_port) if text is not None and source_port else src
-
-
-def _next_tick(tick: float, interval: float, now: float) -> float:
-    """The first tick after ``now`` (a Go ticker drops the ticks its reader missed)."""
-    missed = math.floor((now - tick) / interval) + 1
-    return tick + missed * interval
