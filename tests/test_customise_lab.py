@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,7 +21,9 @@ import pytest
 
 from tests.conftest import unique_lab_name
 from vxnet import netns
+from vxnet.errors import Conflict
 from vxnet.lab import Lab, builder
+from vxnet.lab.topology import default_spec
 
 pytestmark = pytest.mark.root
 
@@ -126,7 +129,8 @@ def test_ingress_customisation_flow(lab: Lab) -> None:
 def test_user_made_docker_gwbridge_is_used_as_is(lab: Lab) -> None:
     """Made before join: h3 joins the running swarm with its own docker_gwbridge."""
     name = unique_lab_name("g")
-    other = Lab(hosts=1, name=name, swarm=False)
+    # no network of the lab's own: the swarm made by hand below allocates VNIs from 4096
+    other = Lab(spec=dataclasses.replace(default_spec(name, 1, swarm=False), networks=()))
     try:
         mine = other.client("h1")
         mine.post("/local-networks", {
@@ -152,3 +156,27 @@ def test_user_made_docker_gwbridge_is_used_as_is(lab: Lab) -> None:
         assert "masquerade" not in rules, rules  # enable_ip_masquerade=false
     finally:
         other.down()
+
+
+def test_a_hand_made_swarm_cannot_take_a_lab_networks_vni() -> None:
+    """A --no-swarm lab programs its own networks; a swarm formed by hand on it must not take
+    one of their VNIs (or names): the switch would hand that VNI's containers to the swarm."""
+    name = unique_lab_name("v")
+    manual = Lab(hosts=1, name=name, swarm=False)
+    try:
+        manual.run("h1", "m1", "front", "idle")
+        manual.run("h1", "m2", "front", "idle")
+        front_vni = next(n["vni"] for n in manual.state["networks"] if n["name"] == "front")
+        h1 = manual.client("h1")
+        h1.post("/swarm/init", {})
+        wait_for(lambda: bool(h1.get("/swarm")["connected"]), "the agent's session", 20)
+        h1.post("/swarm/networks", {"name": "clash", "attachable": True, "options": [
+            f"com.docker.network.driver.overlay.vxlanid_list={front_vni}"]})  # fmt: skip
+        with pytest.raises(Conflict, match=r"collides with this host's own network front"):
+            manual.run("h1", "s1", "clash", "idle")
+        assert "s1" not in manual.containers()
+        assert manual.stats("h1")["networks"]["front"]["vni"] == front_vni
+        r = manual.exec("m1", ["ping", "-c", "1", "-W", "2", manual.ip("m2")])
+        assert r.returncode == 0, "the lab's own network still switches its containers"
+    finally:
+        manual.down()

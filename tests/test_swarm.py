@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -17,7 +18,7 @@ import pytest
 
 from tests.conftest import unique_lab_name
 from vxnet.lab import Lab, builder
-from vxnet.lab.topology import default_spec
+from vxnet.lab.topology import LabSpec, default_spec
 
 pytestmark = pytest.mark.root
 TOKEN_RE = re.compile(r"^SWMTKN-1-[0-9a-z]{50}-[0-9a-z]{25}$")
@@ -281,9 +282,15 @@ def test_network_rules_from_the_cli(sw4: Lab) -> None:
     ok(cli(sw4, "service", "rm", "pub"))
 
 
+def manual_lab(name: str) -> LabSpec:
+    """Two hosts, no swarm and no network of the lab's own: the swarm is formed by hand, and
+    its VNIs (from 4096) must not meet a lab network's (refused, see test_customise_lab)."""
+    return dataclasses.replace(default_spec(name, 2, swarm=False), networks=())
+
+
 def test_overlay_needs_a_manager_and_pools_run_out() -> None:
     name = unique_lab_name("p")
-    lab = Lab(spec=default_spec(name, 2, swarm=False))
+    lab = Lab(spec=manual_lab(name))
     try:
         refused(
             cli(lab, "network", "create", "-d", "overlay", "x"),
@@ -524,7 +531,7 @@ def test_a_silent_node_is_shown_down_and_its_tasks_move(sw4: Lab) -> None:
 
 def test_certificates_are_renewed_before_they_expire() -> None:
     name = unique_lab_name("c")
-    lab = Lab(spec=default_spec(name, 2, swarm=False))
+    lab = Lab(spec=manual_lab(name))
     try:
         out = ok(cli(lab, "swarm", "init", "--cert-expiry", "12s"))
         token = re.search(r"--token (\S+)", out)

@@ -7,7 +7,6 @@ Errors are printed as one line with what to do, and exit status 1; bad usage exi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -20,8 +19,8 @@ import click
 from vxnet import __version__, netns
 from vxnet.client import DaemonClient
 from vxnet.errors import UsageError, VxnetError
-from vxnet.lab import Lab, builder, fault, neigh
-from vxnet.lab.topology import DEFAULT_LAB, check_lab_name, default_spec, load_spec
+from vxnet.lab import Lab, builder
+from vxnet.lab.topology import DEFAULT_LAB, check_lab_name
 
 
 class Ctx:
@@ -102,117 +101,6 @@ def cli(ctx: click.Context, host: str | None, lab: str | None) -> None:
 @cli.group(cls=VxnetGroup)
 def lab() -> None:
     """Build, inspect and tear down labs of hosts on this machine."""
-
-
-@lab.command("up")
-@click.option("--name", help="Lab name (letters/digits, default 'vxnet').")
-@click.option("--hosts", type=click.IntRange(1, 64), help="Number of hosts (default 3).")
-@click.option("--no-swarm", is_flag=True, help="Manual mode: no manager, the lab programs FDBs.")
-@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
-def lab_up(name: str | None, hosts: int | None, no_swarm: bool, file: str | None) -> None:
-    """Build a lab: fabric, hosts h1..hN, a daemon each; swarm init on h1, the others join."""
-    spec = (
-        load_spec(Path(file), name, hosts)
-        if file
-        else default_spec(name or DEFAULT_LAB, hosts or 3)
-    )
-    if no_swarm:
-        spec = dataclasses.replace(spec, swarm=False)
-    note = neigh.advice(len(spec.hosts), len(spec.containers))
-    if note:
-        click.echo(note, err=True)
-    t0 = time.monotonic()
-    lab_obj = Lab(spec=spec)
-    click.echo(
-        f"lab {lab_obj.name} is up in {time.monotonic() - t0:.1f}s: "
-        f"{len(lab_obj.hosts)} hosts ({', '.join(lab_obj.hosts)})"
-    )
-    for net in lab_obj.state["networks"]:
-        click.echo(f"  network {net['name']}: {net['subnet']} VNI {net['vni']} MTU {net['mtu']}")
-
-
-@lab.command("down")
-@click.option("--name", help="Lab name.")
-@pass_ctx
-def lab_down(ctx: Ctx, name: str | None) -> None:
-    """Stop the daemons and remove every namespace, link and file of a lab (idempotent)."""
-    lab_name = check_lab_name(name) if name else ctx.lab_name()
-    removed = builder.down(lab_name)
-    click.echo(f"lab {lab_name} is down ({len(removed)} namespaces removed)")
-
-
-@lab.command("ls")
-def lab_ls() -> None:
-    """List the labs on this machine."""
-    rows = [["NAME", "HOSTS", "DAEMONS UP"]]
-    for name in builder.list_labs():
-        try:
-            st = builder.inspect(name)
-            hosts = st["hosts"]
-            rows.append(
-                [name, str(len(hosts)), str(sum(1 for h in hosts.values() if h["daemon_running"]))]
-            )
-        except VxnetError:
-            rows.append([name, "?", "state missing: `vxnet lab down --name " + name + "`"])
-    _emit(None, "table", rows)
-
-
-@lab.command("inspect")
-@click.option("--name", help="Lab name.")
-@FORMAT
-@pass_ctx
-def lab_inspect(ctx: Ctx, name: str | None, fmt: str) -> None:
-    """Show a lab's fabric and, per host, namespace, underlay interface, address, daemon pid."""
-    st = builder.inspect(check_lab_name(name) if name else ctx.lab_name())
-    rows = [["HOST", "NETNS", "UNDERLAY", "ADDRESS", "DAEMON PID", "RUNNING"]]
-    for hname, h in st["hosts"].items():
-        rows.append(
-            [
-                hname,
-                h["netns"],
-                h["underlay_if"],
-                h["address"],
-                str(h["pid"]),
-                "yes" if h["daemon_running"] else "NO",
-            ]
-        )
-    if fmt == "table":
-        click.echo(
-            f"lab {st['name']}: fabric namespace {st['fabric']['netns']}, "
-            f"bridge {st['fabric']['bridge']}, underlay {st['underlay']['subnet']}"
-        )
-    _emit(st, fmt, rows)
-    if fmt == "table" and (st.get("faults", {}).get("rules") or st.get("faults", {}).get(
-            "partitions")):  # fmt: skip
-        from vxnet.cli_fault import print_faults
-
-        click.echo()
-        print_faults(fault.show(st["name"]))
-
-
-@lab.command("restart")
-@click.option("--name", help="Lab name.")
-@click.argument("host")
-@pass_ctx
-def lab_restart(ctx: Ctx, name: str | None, host: str) -> None:
-    """Start HOST's daemon again (after a crash, or to test one)."""
-    lab_obj = Lab.attach(check_lab_name(name) if name else ctx.lab_name())
-    result = lab_obj.restart(host)
-    click.echo(f"{host}: daemon restarted (pid {result['pid']})")
-    if result["adopted"]:
-        click.echo(f"  re-adopted (persistent TAPs): {', '.join(result['adopted'])}")
-    if result["lost_containers"]:
-        click.echo(f"  lost: {', '.join(result['lost_containers'])}")
-
-
-@lab.command("demo")
-@click.option("--keep", is_flag=True, help="Leave the lab up afterwards to explore.")
-@click.option("--step", is_flag=True, help="Pause between steps.")
-def lab_demo(keep: bool, step: bool) -> None:
-    """The guided tour: a 3-host lab, an overlay, containers, ping, VXLAN on the wire."""
-    from vxnet.demo import run_demo
-
-    sys.exit(run_demo(keep=keep, step=step))
 
 
 # ----------------------------------------------------------------------------- daemon
@@ -596,7 +484,7 @@ def bench(
 # the other command groups register themselves on `cli`
 from vxnet import (  # noqa: E402
     cli_fault,  # noqa: F401  (lab fault)
-    cli_lab,  # noqa: F401  (lab validate, lab graph)
+    cli_lab,  # noqa: F401  (lab up/down/ls/inspect/restart/demo, validate, graph)
     cli_swarm,  # noqa: F401  (swarm, node, network, service, gossip)
     cli_trace,  # noqa: F401  (trace)
 )

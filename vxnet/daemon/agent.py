@@ -278,7 +278,11 @@ class Agent:
         result = await self.request("attach", container=container, network=network, ip=ip)
         net = result["network"]
         spec = spec_from_summary(net)
-        await self.daemon.ensure_network(spec, net["id"])
+        try:
+            await self.daemon.ensure_network(spec, net["id"])
+        except VxnetError:  # this host cannot have it: give the manager its address back
+            await self.detach(container)
+            raise
         self.networks[net["id"]] = net
         return spec, ipaddress.IPv4Address(result["attachment"]["ip"])
 
@@ -378,8 +382,14 @@ class Agent:
         # tasks that are no longer ours go first: a network they were on may be retired below
         # (a re-created ingress can get the old one's VNI)
         await self._destroy_unassigned(tasks)
-        for net in nets.values():
-            await d.ensure_network(spec_from_summary(net), net["id"])
+        refused: dict[str, str] = {}
+        for nid, net in nets.items():
+            try:
+                await d.ensure_network(spec_from_summary(net), net["id"])
+            except Conflict as exc:  # said once per assignment; its tasks fail below
+                refused[nid] = str(exc)
+                log.warning("%s", exc)
+        nets = {nid: net for nid, net in nets.items() if nid not in refused}
         self.networks = nets
         # a container a previous run left on a network this node no longer has: lost
         await d.adoption.drop_unassigned({n["name"] for n in nets.values()})
@@ -387,6 +397,10 @@ class Agent:
         await self._destroy_unassigned(tasks)  # and those just re-adopted that are not ours
         for name, task in tasks.items():
             if name in d.containers:
+                continue
+            clash = [refused[nid] for nid in task["addresses"] if nid in refused]
+            if clash:
+                await self._report(task["id"], "failed", clash[0])
                 continue
             attach = [
                 (spec_from_summary(nets[nid]), ipaddress.IPv4Address(ip))

@@ -144,7 +144,20 @@ class Daemon:
             raise UsageError(f"the dataplane refused {why}")
 
     async def ensure_network(self, spec: NetworkSpec, network_id: str | None = None) -> None:
-        """Program a swarm network (idempotent; a changed definition replaces the old one)."""
+        """Program a swarm network (idempotent; a changed definition replaces the old one).
+
+        Raises :class:`Conflict` when a network this host programmed itself (a ``--no-swarm``
+        lab's) has the name or the VNI: replacing it would take its containers' ports.
+        """
+        for name, other in self.networks.items():
+            if name in self.swarm_networks:
+                continue
+            if name == spec.name or other.vni == spec.vni:
+                raise Conflict(
+                    f"swarm network {spec.name} (VNI {spec.vni}) collides with this host's own "
+                    f"network {name} (VNI {other.vni}), programmed outside the swarm: remove "
+                    "that one first"
+                )
         # a removed network whose VNI the manager gave again (ingress removed and re-created):
         # retire it first, or removing it later would take the new one's VNI with it
         for name, other in list(self.networks.items()):
