@@ -14,8 +14,6 @@ keep growing with N (every node hears every refutation).  Both are reported.
 from __future__ import annotations
 
 import math
-import os
-import platform
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,26 +25,6 @@ FLAT_DETECTION = 2.0  # max/min of all-dead time over N at one loss rate
 FLAT_LOAD = 1.25  # max/min of probe datagrams per node per second over N at one loss rate
 LIFEGUARD_CLAIM = 50.0
 WALL_TARGET = 60.0  # seconds of wall time for 1,000 nodes x 120 virtual seconds
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "nproc": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-    }
 
 
 def _f(value: float | None, digits: int = 1) -> str:

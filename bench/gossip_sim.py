@@ -56,7 +56,8 @@ from typing import Any
 
 from bench.gossip_lifeguard import PLAIN_SWIM_CONFIG, PLAIN_SWIM_VSN, compare
 from bench.gossip_net import NetModel, Partition, Simulator, Traffic
-from bench.gossip_report import machine, plot, render, render_targets, targets
+from bench.gossip_report import plot, render, render_targets, targets
+from bench.measure import machine
 from vxnet.gossip.config import Config
 from vxnet.gossip.networkdb import PEER_TABLE, PeerRecord
 from vxnet.gossip.suspicion import suspicion_timeout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -196,3 +197,24 @@ def measure(
             f"UDP {side.udp_pps[-1] / 1e3:.1f} kpps"
         )
     side.rss_peak_mb = rss_mb(daemons, "VmHWM")
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: cores usable here, CPU model, kernel, Python."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import secrets
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from bench.measure import (
     UDP_PAYLOAD,
     Runner,
     Side,
+    machine,
     measure,
     progress,
 )
@@ -171,23 +171,6 @@ def _check_removed(side: Side, prefix: str) -> None:
 
 
 # ------------------------------------------------------------------------------ reporting
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-    }
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
