@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -130,6 +131,17 @@ class Daemon:
 
     def swarm_ingress(self, network: str) -> bool:
         return network in self.ingress_networks
+
+    @contextlib.contextmanager
+    def _attaching(self, network: str) -> Iterator[None]:
+        """Keep ``network`` from being pruned while a container is being attached to it."""
+        self.attaching[network] += 1
+        try:
+            yield
+        finally:
+            self.attaching[network] -= 1
+            if not self.attaching[network]:
+                del self.attaching[network]
 
     async def program(self, update: TableUpdate, *, check: bool = False) -> None:
         """Hand one table update to the dataplane thread and wait until it is applied.
@@ -315,23 +327,17 @@ class Daemon:
             # (attachable?) and gives the address, never this node's own pick
             if name in self.containers:
                 raise Conflict(f'the container name "{name}" is already in use')
-            self.attaching[network] += 1
-            try:
+            with self._attaching(network):  # the name asked for, then the network's own
                 spec, ip = await self.attacher.attach(name, network, wanted)
-                self.attaching[spec.name] += 1
-                try:
-                    container = await self.start_container(
-                        name, [(spec, ip)], image, cmd, publish=publish, aliases=aliases,
-                        dns=dns, attached=True,
-                    )  # fmt: skip
-                except BaseException:
-                    await self.attacher.detach(name)
-                    raise
-                finally:
-                    self.attaching[spec.name] -= 1
-            finally:
-                self.attaching[network] -= 1
-                self.attaching += collections.Counter()  # drop the zeros
+                with self._attaching(spec.name):
+                    try:
+                        container = await self.start_container(
+                            name, [(spec, ip)], image, cmd, publish=publish, aliases=aliases,
+                            dns=dns, attached=True,
+                        )  # fmt: skip
+                    except BaseException:
+                        await self.attacher.detach(name)
+                        raise
             return container.to_json()
         spec = self._network(network)
         if publish and spec.name not in self.swarm_networks:
