@@ -239,13 +239,15 @@ class Lab:
             missing: dict[str, Any] = {}
             for host in self.hosts:
                 want = self.expected_peers(host, endpoints)
-                have = {
-                    (r["network"], r["mac"])
+                rows = {
+                    (r["network"], r["mac"]): r
                     for r in self.client(host).get("/fdb")
                     if r["origin"] == "gossip"
                 }
+                have = set(rows)
                 if want != have:
-                    missing[host] = {"missing": sorted(want - have), "stale": sorted(have - want)}
+                    stale = [(*k, rows[k]["ip"], rows[k]["vtep"]) for k in sorted(have - want)]
+                    missing[host] = {"missing": sorted(want - have), "stale": stale}
             if not missing:
                 return
             if time.monotonic() > deadline:
