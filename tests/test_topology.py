@@ -92,6 +92,7 @@ def test_defaults() -> None:
         ({"network": [{"name": "a", "subnet": "10.0.0.0/24", "vni": "x"}]}, "must be a int"),
         ({"container": [{"name": "c", "host": "h7", "network": "front"}]}, "no host"),
         ({"underlay": {"mtu": 100}}, "mtu must be"),
+        ({"underlay": {"mtu": 1000}}, r"a swarm needs mtu >= 1280 \(or \[swarm\] enabled = false"),
         ({"underlay": {"data_port": 80}}, "data_port must be"),
         ({"swarm": {"esp_icv_length": 12}}, "esp_icv_length must be 8"),
         ({"swarm": {"esp_icv_length": "8"}}, "must be a int"),
@@ -110,6 +111,11 @@ def test_defaults() -> None:
 def test_bad_lab_files_are_explained(data: dict[str, Any], needle: str) -> None:
     with pytest.raises(UsageError, match=needle):
         parse_spec(data)
+
+
+def test_a_small_underlay_is_fine_without_a_swarm() -> None:
+    spec = parse_spec({"underlay": {"mtu": 1000}, "swarm": {"enabled": False}})
+    assert (spec.underlay_mtu, spec.networks[0].mtu) == (1000, 950)
 
 
 def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from vxnet.cli import FORMAT, Ctx, VxnetGroup, _emit, cli, pass_ctx
+from vxnet.dataplane.tables import MAX_UNDERLAY_MTU, MIN_UNDERLAY_MTU
 from vxnet.errors import NotFound, UsageError, VxnetError
 
 CONVERGE_TIMEOUT = 60.0
@@ -56,6 +57,13 @@ def swarm() -> None:
     default="16",
     help="ESP integrity tag of encrypted networks, bytes: 16 (default) or 8 as Docker (MTU 1424).",
 )
+@click.option(
+    "--underlay-mtu",
+    type=click.IntRange(MIN_UNDERLAY_MTU, MAX_UNDERLAY_MTU),
+    default=1500,
+    show_default=True,
+    help="MTU of every node's underlay: the ceiling of network MTUs (9000: jumbo frames).",
+)
 @pass_ctx
 def swarm_init(
     ctx: Ctx,
@@ -67,6 +75,7 @@ def swarm_init(
     key_rotation_interval: str,
     cert_expiry: str,
     esp_icv_length: str,
+    underlay_mtu: int,
 ) -> None:
     """Make this node the swarm's manager."""
     r = ctx.client().post(
@@ -80,6 +89,7 @@ def swarm_init(
             "key_rotation_interval": key_rotation_interval,
             "cert_expiry": cert_expiry,
             "esp_icv_length": int(esp_icv_length),
+            "underlay_mtu": underlay_mtu,
         },
     )
     click.echo(f"Swarm initialized: current node ({r['node_id']}) is now a manager.\n")

@@ -105,6 +105,8 @@ def test_second_initialize_is_refused_and_changes_nothing(cluster: Cluster, stor
         ({"pools": ("10.0.0.0/16",), "mask_length": 8}, "cannot be split"),
         ({"pools": ("10.0.0.0/8",), "mask_length": 30}, "out of range"),
         ({"rotation_interval": 0.5}, "rotation interval"),
+        ({"underlay_mtu": 1279}, "underlay-mtu must be 1280-9000"),
+        ({"underlay_mtu": 9001}, "underlay-mtu must be 1280-9000"),
     ],
 )
 def test_initialize_refuses_bad_settings_and_stores_nothing(
@@ -121,6 +123,15 @@ def test_initialize_accepts_custom_data_port_and_pools(store: Store) -> None:
     assert cluster.info["data_path_port"] == 7777
     assert cluster.info["default_addr_pool"] == ["10.20.0.0/16"]
     assert cluster.info["default_addr_pool_mask_length"] == 26
+
+
+def test_the_underlay_mtu_is_kept_with_the_cluster(store: Store) -> None:
+    initialize(store, underlay_mtu=9000)
+    assert Cluster(store, random.Random(2)).underlay_mtu == 9000  # read back from the store
+
+
+def test_the_underlay_mtu_defaults_to_1500(store: Store) -> None:
+    assert initialize(store).underlay_mtu == 1500
 
 
 def test_cluster_over_an_empty_store_is_refused(store: Store) -> None:

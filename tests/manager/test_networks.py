@@ -239,6 +239,28 @@ def test_bad_mtu_is_refused(cluster: Cluster, options: dict[str, str], message: 
     assert network_count(cluster) == 0
 
 
+def test_a_jumbo_underlay_raises_the_ceiling_not_the_default(store: Store) -> None:
+    """``swarm init --underlay-mtu 9000``: networks may ask for jumbo MTUs; Docker's defaults
+    stay (as in Docker, a jumbo fabric is used only by asking for it)."""
+    jumbo = initialize(store, underlay_mtu=9000)
+    assert jumbo.underlay_mtu == 9000
+    assert nets.create_network(jumbo, "d", NOW)["mtu"] == 1450
+    assert nets.create_network(jumbo, "de", NOW, options={"encrypted": ""})["mtu"] == 1416
+    assert nets.create_network(jumbo, "j", NOW, options={MTU: "8950"})["mtu"] == 8950
+    secret = nets.create_network(jumbo, "je", NOW, options={"encrypted": "", MTU: "8916"})
+    assert secret["mtu"] == 8916
+    with pytest.raises(UsageError, match="576-8950 on a 9000-byte underlay"):
+        nets.create_network(jumbo, "x", NOW, options={MTU: "8951"})
+    with pytest.raises(UsageError, match="576-8916 on a 9000-byte underlay"):
+        nets.create_network(jumbo, "x", NOW, options={"encrypted": "", MTU: "8917"})
+
+
+def test_a_small_underlay_lowers_the_default_too() -> None:
+    assert nets.network_mtu({}, underlay_mtu=1280) == 1230
+    assert nets.network_mtu({"encrypted": ""}, underlay_mtu=1280) == 1196  # 1280-50-34, /4
+    assert nets.network_mtu({}, underlay_mtu=9000) == 1450
+
+
 def test_encrypted_network(cluster: Cluster) -> None:
     net = nets.create_network(cluster, "secret", NOW, options={"encrypted": ""})
     assert net["encrypted"] is True

@@ -26,6 +26,8 @@ from vxnet.daemon.discovery import Discovery
 from vxnet.daemon.http import Request
 from vxnet.daemon.peers import Peers
 from vxnet.daemon.tables_view import table_rows
+from vxnet.daemon.views import body_field
+from vxnet.dataplane.tables import DEFAULT_UNDERLAY_MTU
 from vxnet.errors import BadPacket, Conflict, UsageError, VxnetError
 from vxnet.esp.sa import DEFAULT_ICV_LEN
 from vxnet.gossip.networkdb import TableEvent
@@ -194,7 +196,10 @@ class Swarm:
         cfg = self.daemon.config
         advertise = _text(body, "advertise_addr") or cfg.underlay_addr
         data_path = _text(body, "data_path_addr") or advertise
-        port = body.get("data_path_port") or self.daemon.dataplane.data_port
+        port = body_field(body, "data_path_port", int, False) or self.daemon.dataplane.data_port
+        mask_length = body_field(body, "default_addr_pool_mask_length", int, False) or 24
+        icv_length = body_field(body, "esp_icv_length", int, False) or DEFAULT_ICV_LEN
+        underlay_mtu = body_field(body, "underlay_mtu", int, False) or DEFAULT_UNDERLAY_MTU
         pools = tuple(body.get("default_addr_pool") or ("10.0.0.0/8",))
         interval = parse_duration(_text(body, "key_rotation_interval") or "12h")
         cert_expiry = parse_duration(_text(body, "cert_expiry") or "2160h")
@@ -211,11 +216,12 @@ class Swarm:
                 hostname=cfg.host,
                 advertise_addr=advertise,
                 data_path_addr=data_path,
-                data_port=int(port),
+                data_port=port,
                 pools=pools,
-                mask_length=int(body.get("default_addr_pool_mask_length") or 24),
+                mask_length=mask_length,
                 rotation_interval=interval,
-                esp_icv_length=int(body.get("esp_icv_length") or DEFAULT_ICV_LEN),
+                esp_icv_length=icv_length,
+                underlay_mtu=underlay_mtu,
             )
             cluster.info["node_cert_lifetime"] = cert_expiry
             store.set_value("cluster", cluster.info)

@@ -17,6 +17,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Underlay IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14): the VXLAN tax.
 VXLAN_OVERHEAD = 50
 DEFAULT_UNDERLAY_MTU = 1500
+MIN_UNDERLAY_MTU = 1280  # a swarm's: room for a 576-byte network MTU with VXLAN and ESP
+MAX_UNDERLAY_MTU = 9000  # jumbo frames
 DEFAULT_MTU = DEFAULT_UNDERLAY_MTU - VXLAN_OVERHEAD  # 1450, Docker's overlay default
 
 

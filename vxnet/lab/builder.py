@@ -248,6 +248,7 @@ def form_swarm(state: dict[str, Any], spec: LabSpec) -> None:
     manager.post("/swarm/init", {"key_rotation_interval": spec.key_rotation_interval,
                                  "data_path_port": spec.data_port,
                                  "esp_icv_length": spec.esp_icv_length,
+                                 "underlay_mtu": spec.underlay_mtu,
                                  **addresses(first)})  # fmt: skip
     token = manager.get("/swarm/join-token/worker")["token"]
     remote = f"{hosts[first]['address']}:2377"

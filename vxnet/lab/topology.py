@@ -32,6 +32,7 @@ image = "whoami"
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from vxnet.daemon.containers import check_name
-from vxnet.dataplane.tables import DEFAULT_MTU, VXLAN_OVERHEAD
+from vxnet.dataplane.tables import DEFAULT_MTU, MIN_UNDERLAY_MTU, VXLAN_OVERHEAD
 from vxnet.errors import UsageError
 from vxnet.lab.impair import Impairment, parse_percent
 
@@ -201,6 +202,11 @@ def parse_spec(
     enabled = _get(swarm_t, "enabled", bool, f"{source} [swarm]", True)
     rotation = _get(swarm_t, "key_rotation_interval", str, f"{source} [swarm]", "12h")
     icv = _get(swarm_t, "esp_icv_length", int, f"{source} [swarm]", 16)
+    if enabled and underlay_mtu < MIN_UNDERLAY_MTU:
+        raise UsageError(
+            f"{source} [underlay]: a swarm needs mtu >= {MIN_UNDERLAY_MTU} "
+            "(or [swarm] enabled = false)"
+        )
     if icv not in (8, 16):
         raise UsageError(f"{source} [swarm]: esp_icv_length must be 8 (as Docker) or 16")
     return LabSpec(
@@ -306,8 +312,9 @@ def _parse_hosts(
 
 
 def _parse_networks(rows: Any, underlay_mtu: int, source: str) -> tuple[LabNetwork, ...]:
-    if rows is None:
-        return DEFAULT_NETWORKS
+    if rows is None:  # Docker's default MTU, unless the underlay is too small for it
+        fit = min(DEFAULT_MTU, underlay_mtu - VXLAN_OVERHEAD)
+        return tuple(dataclasses.replace(n, mtu=fit) for n in DEFAULT_NETWORKS)
     if not isinstance(rows, list):
         raise UsageError(f"{source}: [[network]] must be an array of tables")
     out: list[LabNetwork] = []

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from vxnet.dataplane.tables import DEFAULT_UNDERLAY_MTU, MAX_UNDERLAY_MTU, MIN_UNDERLAY_MTU
 from vxnet.errors import Conflict, NotFound, UsageError
 from vxnet.esp.sa import DEFAULT_ICV_LEN, DOCKER_ICV_LEN
 from vxnet.manager import pki, tokens
@@ -94,6 +95,7 @@ class Cluster:
         mask_length: int = 24,
         rotation_interval: float = DEFAULT_ROTATION,
         esp_icv_length: int = DEFAULT_ICV_LEN,
+        underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
     ) -> Cluster:
         """``swarm init``: a new cluster id, root CA, tokens and keyrings, all stored at once."""
         from vxnet.manager.ipam import AddressPools
@@ -105,6 +107,10 @@ class Cluster:
             raise UsageError("--data-path-port must be 4789 or within 1024-49151")
         if esp_icv_length not in (DOCKER_ICV_LEN, DEFAULT_ICV_LEN):
             raise UsageError("--esp-icv-length must be 8 (as Docker) or 16 (vxnet's default)")
+        if not MIN_UNDERLAY_MTU <= underlay_mtu <= MAX_UNDERLAY_MTU:
+            raise UsageError(
+                f"--underlay-mtu must be {MIN_UNDERLAY_MTU}-{MAX_UNDERLAY_MTU} (9000: jumbo frames)"
+            )
         keys = KeyManager(rng, now, interval=rotation_interval)
         ca = pki.create_root_ca(_dt(now))
         info = {
@@ -117,6 +123,8 @@ class Cluster:
             # cluster-wide: Docker's SPI does not include the ICV length, so every SA between
             # two nodes must agree on it; fixed at init, like the data-path port
             "esp_icv_length": esp_icv_length,
+            # what every node's underlay carries unfragmented: the ceiling of network MTUs
+            "underlay_mtu": underlay_mtu,
         }
         with store.transaction():
             store.set_value("cluster", info)
@@ -145,6 +153,11 @@ class Cluster:
     def esp_icv_length(self) -> int:
         """The ICV length of every ESP SA in this swarm (16 unless `swarm init` said 8)."""
         return int(self.info.get("esp_icv_length", DEFAULT_ICV_LEN))
+
+    @property
+    def underlay_mtu(self) -> int:
+        """The MTU of every node's underlay (1500 unless `swarm init --underlay-mtu` said)."""
+        return int(self.info.get("underlay_mtu", DEFAULT_UNDERLAY_MTU))
 
     @property
     def cert_lifetime(self) -> timedelta:

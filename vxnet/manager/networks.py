@@ -2,7 +2,8 @@
 
 ``com.docker.network.driver.mtu`` is the **network** MTU in vxnet (what the containers' ``eth0``
 gets), as Docker's documentation describes it; Docker's code treats it as the underlay MTU and
-subtracts 50.  vxnet refuses a value the 1500-byte underlay cannot carry without fragmenting.
+subtracts 50.  vxnet refuses a value the swarm's underlay cannot carry without fragmenting: 1500
+bytes unless ``swarm init --underlay-mtu`` said otherwise (a jumbo-frame fabric, 9000).
 """
 
 from __future__ import annotations
@@ -32,30 +33,38 @@ KNOWN_OPTIONS = {MTU_OPTION, ENCRYPTED_OPTION, VXLANID_LIST_OPTION}
 INGRESS = "ingress"
 
 
-def network_mtu(options: dict[str, str], icv_len: int = DEFAULT_ICV_LEN) -> int:
+def network_mtu(
+    options: dict[str, str],
+    icv_len: int = DEFAULT_ICV_LEN,
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
+) -> int:
     """The MTU option, checked, or the default.
 
-    An encrypted overlay's default (and ceiling) is underlay - 50 - ESP's expansion, rounded down
-    to a multiple of 4.  ESP with vxnet's ICV of 16 bytes expands a datagram by 34 bytes (SPI,
-    sequence number, IV, pad length, next header, ICV): 1416.  Docker's ICV of 8 (``swarm init
-    --esp-icv-length 8``) expands it by 26: Docker's 1424.
+    The ceiling is what the underlay carries unfragmented: underlay - 50 for VXLAN, and for an
+    encrypted overlay underlay - 50 - ESP's expansion, rounded down to a multiple of 4.  ESP
+    with vxnet's ICV of 16 bytes expands a datagram by 34 bytes (SPI, sequence number, IV, pad
+    length, next header, ICV): 1416 on 1500 bytes.  Docker's ICV of 8 (``swarm init
+    --esp-icv-length 8``) expands it by 26: Docker's 1424.  The default is Docker's (1450 or
+    the encrypted ceiling of a 1500-byte underlay) whatever the underlay, as in Docker, where
+    a jumbo fabric is used only by asking for it; smaller only if the underlay is smaller.
     """
     encrypted = ENCRYPTED_OPTION in options
-    encrypted_ceiling = encrypted_mtu(DEFAULT_UNDERLAY_MTU, icv_len)
-    default = encrypted_ceiling if encrypted else DEFAULT_MTU
+    encrypted_ceiling = encrypted_mtu(underlay_mtu, icv_len)
+    plain_ceiling = underlay_mtu - VXLAN_OVERHEAD
+    ceiling = encrypted_ceiling if encrypted else plain_ceiling
+    docker_default = encrypted_mtu(DEFAULT_UNDERLAY_MTU, icv_len) if encrypted else DEFAULT_MTU
     if MTU_OPTION not in options:
-        return default
+        return min(docker_default, ceiling)
     try:
         mtu = int(options[MTU_OPTION])
     except ValueError:
         raise UsageError(
             f"invalid {MTU_OPTION} {options[MTU_OPTION]!r}: a number is needed"
         ) from None
-    ceiling = encrypted_ceiling if encrypted else DEFAULT_UNDERLAY_MTU - VXLAN_OVERHEAD
     if not 576 <= mtu <= ceiling:
         raise UsageError(
             f"{MTU_OPTION}={mtu} is out of range: the network MTU must be 576-{ceiling} on a "
-            f"{DEFAULT_UNDERLAY_MTU}-byte underlay (VXLAN is never fragmented)"
+            f"{underlay_mtu}-byte underlay (VXLAN is never fragmented)"
         )
     return mtu
 
@@ -174,7 +183,7 @@ def create_network(
         "subnet": str(addressing.subnet),
         "gateway": str(addressing.gateway),
         "ip_range": str(addressing.ip_range) if addressing.ip_range else None,
-        "mtu": network_mtu(options, cluster.esp_icv_length),
+        "mtu": network_mtu(options, cluster.esp_icv_length, cluster.underlay_mtu),
         "options": options,
         "created": now,
     }
