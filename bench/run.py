@@ -15,6 +15,7 @@ was not measured in this run.  Every namespace is removed at the end, on errors 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -38,8 +39,12 @@ from bench.measure import (
     progress,
 )
 from vxnet import netns
+from vxnet.dataplane.tables import DEFAULT_UNDERLAY_MTU, VXLAN_OVERHEAD
+from vxnet.esp.sadb import encrypted_mtu
 from vxnet.lab import Lab
 from vxnet.lab.kernel import kernel_pair
+from vxnet.lab.topology import default_spec
+from vxnet.manager.networks import MTU_OPTION
 
 __all__ = ["Side", "run_bench"]
 
@@ -53,12 +58,15 @@ def _runner(ns: str) -> Runner:
     return run
 
 
-def bench_kernel(duration: int, repeats: int, streams: int) -> Side:
+def bench_kernel(
+    duration: int, repeats: int, streams: int, underlay_mtu: int = DEFAULT_UNDERLAY_MTU
+) -> Side:
     side = Side("kernel VXLAN", path="kernel")
     name = "benchk" + secrets.token_hex(3)
     progress(f"kernel VXLAN: building the pair (vx-{name}-*)")
+    mtu = underlay_mtu - VXLAN_OVERHEAD
     try:
-        with kernel_pair(f"vx-{name}-") as pair:
+        with kernel_pair(f"vx-{name}-", mtu=mtu, underlay_mtu=underlay_mtu) as pair:
             srv, cli = pair.containers  # srv behind h1, cli behind h2, as on the vxnet side
             server = subprocess.Popen(
                 netns.exec_argv(srv.namespace, ["iperf3", "-s", "-p", str(IPERF_PORT)]),
@@ -99,26 +107,38 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def network_mtus(underlay_mtu: int) -> tuple[int, int]:
+    """The largest plain and encrypted network MTUs ``underlay_mtu`` carries unfragmented."""
+    return underlay_mtu - VXLAN_OVERHEAD, encrypted_mtu(underlay_mtu)
+
+
 def bench_vxnet(
-    duration: int, repeats: int, streams: int, encrypted: bool = False, offload: bool = True
+    duration: int,
+    repeats: int,
+    streams: int,
+    encrypted: bool = False,
+    offload: bool = True,
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
 ) -> list[Side]:
     """vxnet plain, and (with ``encrypted``) an encrypted overlay beside it in the same lab."""
     suffix = "" if offload else " offloads off"
     sides = [Side("vxnet" + suffix)] + ([Side("vxnet encrypted")] if encrypted else [])
     name = "benchv" + secrets.token_hex(3)
-    progress(f"vxnet{suffix}: building lab {name} (2 hosts)")
+    progress(f"vxnet{suffix}: building lab {name} (2 hosts, underlay MTU {underlay_mtu})")
     env = {} if offload else {"VXNET_NO_OFFLOAD": "1"}
+    spec = dataclasses.replace(default_spec(name, 2), underlay_mtu=underlay_mtu)
+    plain_mtu, secret_mtu = network_mtus(underlay_mtu)
     try:
-        with _environment(**env), Lab(hosts=2, name=name) as lab:
+        with _environment(**env), Lab(spec=spec) as lab:
             info = lab.client("h1").get("/info")
             daemons = [int(lab.state["hosts"][h]["pid"]) for h in ("h1", "h2")]
-            networks = ["front"]
+            networks = {"plain": [f"{MTU_OPTION}={plain_mtu}"]}
             if encrypted:
+                networks["secret"] = ["encrypted", f"{MTU_OPTION}={secret_mtu}"]
+            for net, options in networks.items():
                 lab.manager.post(
-                    "/swarm/networks",
-                    {"name": "secret", "attachable": True, "options": ["encrypted"]},
+                    "/swarm/networks", {"name": net, "attachable": True, "options": options}
                 )
-                networks.append("secret")
             for side, net in zip(sides, networks, strict=True):
                 side.path = str(info.get("dataplane_path", "?"))
                 if net == "secret":
@@ -209,13 +229,15 @@ def render(
     repeats: int,
     streams: int,
     ceiling: dict[str, float] | None,
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
 ) -> str:
     sums = [s.summary() for s in sides]
+    plain_mtu, secret_mtu = network_mtus(underlay_mtu)
     cpu = f" ({mach['cpu']})" if mach["cpu"] else ""
     names = [s.name.replace("vxnet ", "") if s.name != "vxnet" else "vxnet" for s in sides]
     lines = [
         "vxnet bench: kernel VXLAN vs vxnet, same two-host namespace topology "
-        "(MTU 1450; encrypted: 1416)",
+        f"(underlay MTU {underlay_mtu}; network MTU {plain_mtu}, encrypted: {secret_mtu})",
         f"machine: {mach['nproc']} CPUs{cpu}, Linux {mach['kernel']}, {mach['python']}",
         "paths: " + "; ".join(f"{s.name}: {s.path or '?'}" for s in sides),
         f"{repeats} rounds of: iperf3 TCP 1 stream, TCP {streams} streams, UDP {UDP_PAYLOAD}-byte "
@@ -294,6 +316,7 @@ def run_bench(
     streams: int = 4,
     plot_path: str | None = None,
     no_offload_row: bool = True,
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
 ) -> int:
     """Measure every side, print one table; 0 if all were measured, 1 otherwise."""
     if os.geteuid() != 0:
@@ -301,12 +324,12 @@ def run_bench(
         return 1
     mach = machine()
     started = time.time()
-    sides = [bench_kernel(duration, repeats, streams)]
-    sides += bench_vxnet(duration, repeats, streams, encrypted)
+    sides = [bench_kernel(duration, repeats, streams, underlay_mtu)]
+    sides += bench_vxnet(duration, repeats, streams, encrypted, underlay_mtu=underlay_mtu)
     if no_offload_row:
-        sides += bench_vxnet(duration, repeats, streams, offload=False)
+        sides += bench_vxnet(duration, repeats, streams, offload=False, underlay_mtu=underlay_mtu)
     ceiling = aes_gcm_ceiling() if encrypted else None
-    print(render(mach, sides, duration, repeats, streams, ceiling), flush=True)
+    print(render(mach, sides, duration, repeats, streams, ceiling, underlay_mtu), flush=True)
     if json_path:
         doc = {
             "machine": mach,
@@ -316,6 +339,7 @@ def run_bench(
                 "repeats": repeats,
                 "streams": streams,
                 "udp_payload": UDP_PAYLOAD,
+                "underlay_mtu": underlay_mtu,
                 "ping_count": PING_COUNT,
                 "ping_interval_s": float(PING_INTERVAL),
             },

@@ -427,6 +427,14 @@ def _drops(drops: dict[str, int]) -> str:
 )
 @click.option("--no-offload-row", "skip_no_offload", is_flag=True, help="Skip --no-offload.")
 @click.option(
+    "--underlay-mtu",
+    type=click.IntRange(1280, 9000),
+    default=1500,
+    show_default=True,
+    help="Both topologies' underlay MTU (9000: jumbo frames); networks take the largest MTU "
+    "it carries.",
+)
+@click.option(
     "--scale",
     is_flag=True,
     help="Instead: a swarm of --hosts hosts x --containers containers, all-pairs reachability, "
@@ -448,6 +456,7 @@ def bench(
     plot_path: str | None,
     encrypted: bool,
     skip_no_offload: bool,
+    underlay_mtu: int,
     scale: bool,
     hosts: int,
     containers: int,
@@ -477,6 +486,7 @@ def bench(
             streams=streams,
             plot_path=plot_path,
             no_offload_row=not skip_no_offload,
+            underlay_mtu=underlay_mtu,
         )
     )
 

@@ -199,7 +199,9 @@ def _build_vtep(ns: str, address: str, vni: int, mtu: int, lab: Lab | None) -> K
 
 
 @contextlib.contextmanager
-def kernel_pair(prefix: str, vni: int = 4097, mtu: int = DEFAULT_MTU) -> Iterator[KernelPair]:
+def kernel_pair(
+    prefix: str, vni: int = 4097, mtu: int = DEFAULT_MTU, underlay_mtu: int = UNDERLAY_MTU
+) -> Iterator[KernelPair]:
     """Build the kernel-only two-host topology under ``prefix`` (``vx-<unused lab name>-``).
 
     Fabric ``<prefix>fabric`` (bridge ``fabric0``), hosts ``<prefix>h1``/``h2`` at
@@ -222,7 +224,7 @@ def kernel_pair(prefix: str, vni: int = 4097, mtu: int = DEFAULT_MTU) -> Iterato
             host, address = f"h{i}", str(underlay.network_address + 10 + i)
             ns = builder.host_ns(name, host)
             netns.create(ns)
-            netns.add_veth(fabric, host, ns, "eth0", mtu=UNDERLAY_MTU)
+            netns.add_veth(fabric, host, ns, "eth0", mtu=underlay_mtu)
             netns.set_master(fabric, host, builder.FABRIC_BRIDGE)
             netns.add_address(ns, "eth0", address, underlay.prefixlen)
             vteps.append(_build_vtep(ns, address, vni, mtu, None))
