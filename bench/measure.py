@@ -48,6 +48,7 @@ class Side:
     daemon_cores_per_gbps: list[float] = field(default_factory=list)  # vxnet daemons only
     rss_idle_mb: float | None = None  # the larger of the two hosts' daemons
     rss_peak_mb: float | None = None
+    hop_us: dict[str, list[float]] = field(default_factory=dict)  # --hops: per hop, us
     path: str | None = None
     error: str | None = None
 

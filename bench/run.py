@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bench.hops import Point, measure_hops, render_hops, summarize
 from bench.measure import (
     IPERF_PORT,
     PING_COUNT,
@@ -42,7 +43,7 @@ from vxnet import netns
 from vxnet.dataplane.tables import DEFAULT_UNDERLAY_MTU, VXLAN_OVERHEAD
 from vxnet.esp.sadb import encrypted_mtu
 from vxnet.lab import Lab
-from vxnet.lab.kernel import kernel_pair
+from vxnet.lab.kernel import VXLAN_PORT, kernel_pair
 from vxnet.lab.topology import default_spec
 from vxnet.manager.networks import MTU_OPTION
 
@@ -59,7 +60,11 @@ def _runner(ns: str) -> Runner:
 
 
 def bench_kernel(
-    duration: int, repeats: int, streams: int, underlay_mtu: int = DEFAULT_UNDERLAY_MTU
+    duration: int,
+    repeats: int,
+    streams: int,
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
+    hops: bool = False,
 ) -> Side:
     side = Side("kernel VXLAN", path="kernel")
     name = "benchk" + secrets.token_hex(3)
@@ -83,6 +88,9 @@ def bench_kernel(
                     repeats,
                     streams,
                 )
+                if hops:
+                    points = _points(cli.namespace, pair.fabric, srv.namespace)
+                    measure_hops(side, _runner(cli.namespace), srv.ip, points)
             finally:
                 server.terminate()
                 server.wait(timeout=10)
@@ -90,6 +98,15 @@ def bench_kernel(
         side.error = f"{type(exc).__name__}: {exc}"
     _check_removed(side, f"vx-{name}-")
     return side
+
+
+def _points(client_ns: str, fabric_ns: str, server_ns: str) -> list[Point]:
+    """The client's eth0, its host's (h2's) port on the fabric bridge, the server's eth0."""
+    return [
+        Point(client_ns, "eth0"),
+        Point(fabric_ns, "h2", vxlan_port=VXLAN_PORT),
+        Point(server_ns, "eth0"),
+    ]
 
 
 @contextlib.contextmanager
@@ -119,6 +136,7 @@ def bench_vxnet(
     encrypted: bool = False,
     offload: bool = True,
     underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
+    hops: bool = False,
 ) -> list[Side]:
     """vxnet plain, and (with ``encrypted``) an encrypted overlay beside it in the same lab."""
     suffix = "" if offload else " offloads off"
@@ -157,6 +175,9 @@ def bench_vxnet(
                         streams,
                         daemons,
                     )
+                    if hops and net == "plain":  # ESP on the fabric is not matched (hops.py)
+                        points = _points(cli["netns"], lab.fabric_netns, srv["netns"])
+                        measure_hops(side, _runner(cli["netns"]), srv["ip"], points)
                 except Exception as exc:  # this side failed; the other may still be measured
                     side.error = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # report as failed; Lab.__exit__ has torn it down
@@ -317,6 +338,7 @@ def run_bench(
     plot_path: str | None = None,
     no_offload_row: bool = True,
     underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
+    hops: bool = False,
 ) -> int:
     """Measure every side, print one table; 0 if all were measured, 1 otherwise."""
     if os.geteuid() != 0:
@@ -324,12 +346,18 @@ def run_bench(
         return 1
     mach = machine()
     started = time.time()
-    sides = [bench_kernel(duration, repeats, streams, underlay_mtu)]
-    sides += bench_vxnet(duration, repeats, streams, encrypted, underlay_mtu=underlay_mtu)
+    sides = [bench_kernel(duration, repeats, streams, underlay_mtu, hops)]
+    sides += bench_vxnet(
+        duration, repeats, streams, encrypted, underlay_mtu=underlay_mtu, hops=hops
+    )
     if no_offload_row:
-        sides += bench_vxnet(duration, repeats, streams, offload=False, underlay_mtu=underlay_mtu)
+        sides += bench_vxnet(
+            duration, repeats, streams, offload=False, underlay_mtu=underlay_mtu, hops=hops
+        )
     ceiling = aes_gcm_ceiling() if encrypted else None
     print(render(mach, sides, duration, repeats, streams, ceiling, underlay_mtu), flush=True)
+    if hops:
+        print(render_hops([(s.name, summarize(s.hop_us)) for s in sides if s.hop_us]))
     if json_path:
         doc = {
             "machine": mach,

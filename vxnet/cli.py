@@ -427,6 +427,11 @@ def _drops(drops: dict[str, int]) -> str:
 )
 @click.option("--no-offload-row", "skip_no_offload", is_flag=True, help="Skip --no-offload.")
 @click.option(
+    "--hops",
+    is_flag=True,
+    help="Also time each hop of a ping (captures at the client, the fabric, the server).",
+)
+@click.option(
     "--underlay-mtu",
     type=click.IntRange(1280, 9000),
     default=1500,
@@ -457,6 +462,7 @@ def bench(
     encrypted: bool,
     skip_no_offload: bool,
     underlay_mtu: int,
+    hops: bool,
     scale: bool,
     hosts: int,
     containers: int,
@@ -487,6 +493,7 @@ def bench(
             plot_path=plot_path,
             no_offload_row=not skip_no_offload,
             underlay_mtu=underlay_mtu,
+            hops=hops,
         )
     )
 
