@@ -81,6 +81,8 @@ class GossipService:
         self._udp: trio.socket.SocketType | None = None
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
+        # one delivery of table events at a time: see _deliver
+        self._delivering = trio.Lock()
         # failed (dead, not left) members -> (address, since): networkdb's failedNodes
         self.failed: dict[str, tuple[tuple[str, int], float]] = {}
 
@@ -230,9 +232,15 @@ class GossipService:
                 self.db.handle_message(event.payload, now)
             elif isinstance(event, MemberEvent):
                 self._member_event(event, now)
-        for table_event in self.db.take_events():
-            if self.watcher is not None:
-                await self.watcher(table_event)
+        # _flush runs in several tasks (UDP, each TCP stream, the timers) and a watcher awaits
+        # (the dataplane), so without the lock a later batch could overtake an earlier one: a
+        # delete reached Peers before its key's create, was ignored, and the create then stood
+        # (a stale FDB entry over a converged networkdb).  Taking the events under the lock
+        # hands them to the watcher in the order networkdb made them.
+        async with self._delivering:
+            for table_event in self.db.take_events():
+                if self.watcher is not None:
+                    await self.watcher(table_event)
 
     def _member_event(self, event: MemberEvent, now: float) -> None:
         m = event.member
