@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+import msgpack
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,3 +123,60 @@ def test_the_old_owners_create_arriving_last_does_not_strand_the_entry() -> None
     assert fdb_after(events[:2]) == {mac_from_str("02:42:0a:00:01:08"): "192.168.100.13"}
     assert fdb_after(events[:3]) == {mac_from_str("02:42:0a:00:01:08"): "192.168.100.12"}
     assert fdb_after(events) == {}
+
+
+class SlowDaemon(FakeDaemon):
+    """The first table update waits for ``release``, as ``program`` waits on the dataplane."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+
+    async def program(self, update: Any) -> None:
+        if not self.programmed:
+            self.programmed.append(update)
+            await self.release.wait()
+        else:
+            self.programmed.append(update)
+
+
+def test_a_delete_gossiped_while_a_bulk_sync_is_being_programmed_is_not_overtaken() -> None:
+    """The mesh lab's stale FDB row.  A bulk sync (one TCP stream) brings a table in which a
+    removed task is still live; while the watcher programs its first entry, a UDP datagram
+    brings the task's delete.  Delivered in another task, the delete reached Peers before the
+    create, was ignored as stale, and the create then stood for good."""
+    from vxnet.gossip.networkdb import MAGIC
+    from vxnet.gossip.service import GossipService
+
+    def record(ip: str, mac: str) -> bytes:
+        return PeerRecord(f"{ip}/24", mac, "192.168.100.11").encode()
+
+    def row(kind: str, key: str, ltime: int, value: bytes) -> dict[str, Any]:
+        return {"k": kind, "net": "netid", "tbl": PEER_TABLE, "key": key, "node": "h1",
+                "l": ltime, "v": value}  # fmt: skip
+
+    first, gone = record("10.0.1.2", "02:42:0a:00:01:02"), record("10.0.1.4", "02:42:0a:00:01:04")
+    table = [row("create", "h1/lb", 2, first), row("create", "h1/web.2/eth0", 10, gone)]
+    bulk = {"t": "bulk", "net": "netid", "resp": True, "from": "h1", "nodes": [], "e": table}
+    delete = {"t": "batch", "m": [row("delete", "h1/web.2/eth0", 35, gone)]}
+    daemon = SlowDaemon()
+
+    async def main() -> None:
+        gossip = GossipService("me", "127.0.0.1")
+        peers = Peers(daemon, gossip, "me", "192.168.100.13")  # type: ignore[arg-type]
+        gossip.watcher = peers.on_table_event
+        gossip.db.node_alive("h1")
+        gossip.db.join_network("netid", trio.current_time())
+        async with trio.open_nursery() as nursery:
+            gossip.db.handle_message(MAGIC + msgpack.packb(bulk), trio.current_time())
+            nursery.start_soon(gossip._deliver)  # the bulk sync's stream
+            await trio.testing.wait_all_tasks_blocked()
+            gossip.db.handle_message(MAGIC + msgpack.packb(delete), trio.current_time())
+            nursery.start_soon(gossip._deliver)  # the datagram's
+            await trio.testing.wait_all_tasks_blocked()
+            daemon.release.set()
+
+    trio.run(main)
+    fdb = {u.mac for u in daemon.programmed if isinstance(u, AddPeer)}
+    fdb -= {u.mac for u in daemon.programmed if isinstance(u, RemovePeer)}
+    assert fdb == {mac_from_str("02:42:0a:00:01:02")}
