@@ -38,6 +38,10 @@ def cli(lab: Lab, *args: str) -> str:
 def glab() -> Iterator[Lab]:
     lab = Lab(hosts=3, name=unique_lab_name("g"))
     try:
+        # every test may use these (and run alone, with -k)
+        lab.run("h1", "c1", "front", "idle")
+        lab.run("h2", "c2", "front", "idle")
+        lab.run("h3", "web", "front", "whoami")
         yield lab
     finally:
         lab.down()
@@ -48,9 +52,6 @@ def fdb_macs(lab: Lab, host: str, network: str = "front") -> dict[str, str]:
 
 
 def test_a_container_on_h3_is_reachable_with_no_static_filling(glab: Lab) -> None:
-    glab.run("h1", "c1", "front", "idle")
-    glab.run("h2", "c2", "front", "idle")
-    glab.run("h3", "web", "front", "whoami")
     web = glab.find("web")
     for host in ("h1", "h2"):
         rows = [r for r in glab.client(host).get("/fdb") if r["mac"] == web["mac"]]
