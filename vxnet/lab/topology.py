@@ -4,7 +4,7 @@
 name = "mylab"                       # optional; `vxnet lab up --name` wins
 [underlay]
 subnet = "192.168.100.0/24"          # host k gets .10+k unless it names an address
-mtu = 1500
+mtu = 1500                           # 9000: jumbo frames (a swarm is told: --underlay-mtu)
 data_port = 4789                     # VXLAN's UDP port (Docker: --data-path-port)
 data_subnet = "192.168.200.0/24"     # optional: a second underlay for VXLAN/ESP only
                                      # (--data-path-addr); gossip and 2377 stay on the first
