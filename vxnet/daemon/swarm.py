@@ -12,8 +12,6 @@ import logging
 import random
 import secrets
 import shutil
-import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -24,11 +22,12 @@ import trio
 from vxnet.daemon.agent import Agent, NodeFiles
 from vxnet.daemon.discovery import Discovery
 from vxnet.daemon.http import Request
+from vxnet.daemon.joining import converse, fetch_ca
 from vxnet.daemon.peers import Peers
 from vxnet.daemon.tables_view import table_rows
 from vxnet.daemon.views import body_field
 from vxnet.dataplane.tables import DEFAULT_UNDERLAY_MTU
-from vxnet.errors import BadPacket, Conflict, UsageError, VxnetError
+from vxnet.errors import Conflict, UsageError, VxnetError
 from vxnet.esp.sa import DEFAULT_ICV_LEN
 from vxnet.gossip.networkdb import TableEvent
 from vxnet.gossip.service import GOSSIP_PORT, GossipService
@@ -36,7 +35,7 @@ from vxnet.manager import networks as nets
 from vxnet.manager import pki, services, tokens
 from vxnet.manager.cluster import Cluster, parse_duration
 from vxnet.manager.proto import MANAGER_PORT, field_untrusted
-from vxnet.manager.server import Channel, Manager
+from vxnet.manager.server import Manager
 from vxnet.manager.store import Store
 
 if TYPE_CHECKING:
@@ -283,10 +282,10 @@ class Swarm:
             host, port_text = remote, str(MANAGER_PORT)
         advertise = _text(body, "advertise_addr") or self.daemon.config.underlay_addr
         data_path = _text(body, "data_path_addr") or advertise
-        ca = await _fetch_ca(host, int(port_text))
+        ca = await fetch_ca(host, int(port_text))
         tokens.verify_ca(ca, token)  # TokenRefused: someone else's manager, or a wrong token
         key = pki.new_node_key()
-        reply = await _converse(
+        reply = await converse(
             host,
             int(port_text),
             pki.client_ssl_context(ca),
@@ -565,42 +564,3 @@ def _strings(body: dict[str, Any], key: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise UsageError(f"{key} must be a list of strings")
     return value
-
-
-async def _converse(
-    host: str, port: int, ctx: ssl.SSLContext, message: dict[str, Any]
-) -> dict[str, Any]:
-    """One request and its answer on a fresh TLS connection to the manager."""
-    try:
-        with trio.fail_after(15):
-            tcp = await trio.open_tcp_stream(host, port)
-            stream = trio.SSLStream(tcp, ctx, server_hostname=host)
-            channel = Channel(stream)
-            try:
-                await channel.send(message)
-                reply = await channel.receive()
-            finally:
-                await trio.aclose_forcefully(stream)
-    except (
-        OSError,
-        trio.BrokenResourceError,
-        trio.TooSlowError,
-        ssl.SSLError,
-        socket.gaierror,
-    ) as exc:
-        raise VxnetError(f"cannot reach the manager at {host}:{port}: {exc}") from None
-    except BadPacket as exc:
-        raise VxnetError(f"the manager at {host}:{port} sent garbage: {exc}") from None
-    if reply is None:
-        raise VxnetError(f"the manager at {host}:{port} closed the connection")
-    if reply.get("type") == "error":
-        raise tokens.TokenRefused(f"the manager refused: {reply.get('message')}")
-    return reply
-
-
-async def _fetch_ca(host: str, port: int) -> bytes:
-    """The root CA, fetched *without* verification: the join token's digest vouches for it."""
-    reply = await _converse(host, port, pki.client_ssl_context(None), {"type": "ca"})
-    if reply.get("type") != "ca":
-        raise VxnetError("the manager did not send its root CA")
-    return bytes(field_untrusted(reply, "ca", bytes))
