@@ -296,11 +296,17 @@ def test_overlay_needs_a_manager_and_pools_run_out() -> None:
             cli(lab, "network", "create", "-d", "overlay", "x"),
             'Use "vxnet swarm init" or "vxnet swarm join"',
         )
+        refused(  # the lab's fabric carries 1500 bytes: a swarm cannot claim jumbo frames
+            cli(lab, "swarm", "init", "--underlay-mtu", "9000"),
+            "--underlay-mtu 9000 is more than eth0 (192.168.100.11) carries: its MTU is 1500",
+        )
         out = ok(
             cli(
                 lab,
                 "swarm",
                 "init",
+                "--underlay-mtu",
+                "1500",
                 "--default-addr-pool",
                 "10.20.0.0/23",
                 "--default-addr-pool-mask-length",

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -80,6 +81,16 @@ def link_index(ip: IPRoute, ifname: str) -> int:
     if not found:
         raise LabError(f"no interface {ifname!r}")
     return int(found[0])
+
+
+def interface_of(address: str, ns: str | None = None) -> tuple[str, int] | None:
+    """(name, MTU) of the interface that holds IPv4 ``address`` in ``ns``, or None."""
+    with ipr(ns) as ip:
+        for a in ip.get_addr(family=socket.AF_INET):
+            if a.get_attr("IFA_ADDRESS") == address:
+                (link,) = ip.get_links(a["index"])
+                return str(link.get_attr("IFLA_IFNAME")), int(link.get_attr("IFLA_MTU"))
+    return None
 
 
 def add_bridge(ns: str, name: str) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vxnet import netns
 from vxnet.daemon.agent import Agent, NodeFiles
 from vxnet.daemon.discovery import Discovery
 from vxnet.daemon.http import Request
@@ -204,6 +205,7 @@ class Swarm:
         cert_expiry = parse_duration(_text(body, "cert_expiry") or "2160h")
         if cert_expiry < 10:
             raise UsageError("--cert-expiry must be at least 10s (Docker's minimum is 1h)")
+        await _check_underlay_mtu(data_path, underlay_mtu)
         self.files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = Store.open(self.files.directory / "manager.db")
         try:
@@ -528,6 +530,17 @@ class Swarm:
         svc = services.remove_service(self._require_manager(), req.params["ref"])
         self.changed()
         return {"removed": svc["name"]}
+
+
+async def _check_underlay_mtu(data_path: str, underlay_mtu: int) -> None:
+    """Refuse an underlay MTU this node's own data-path interface cannot carry: every network
+    would otherwise be allowed frames that the first hop drops."""
+    found = await trio.to_thread.run_sync(netns.interface_of, data_path)
+    if found is not None and found[1] < underlay_mtu:
+        raise UsageError(
+            f"--underlay-mtu {underlay_mtu} is more than {found[0]} ({data_path}) carries: "
+            f"its MTU is {found[1]}"
+        )
 
 
 def gossip_keys(keys: list[dict[str, Any]]) -> tuple[list[bytes], bytes]:
