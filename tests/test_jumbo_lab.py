@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import sys
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 
@@ -87,3 +88,35 @@ def test_the_largest_ping_crosses_in_9000_byte_packets(lab: Lab, net: str, mtu: 
     else:  # the ESP packets carry the echo whole: 8916 + ESP's 34 (ICV 16) + 50 = 9000
         esp = esp_payloads(frames, a1, a2)
         assert largest == max(len(e) for e in esp) + 20 == 9000
+
+
+def test_a_node_whose_underlay_carries_less_cannot_join_a_jumbo_swarm() -> None:
+    name = unique_lab_name("jm")
+    spec = dataclasses.replace(default_spec(name, 2, swarm=False), underlay_mtu=9000, networks=())
+    lab = Lab(spec=spec)
+    try:
+        vxnet = [sys.executable, "-m", "vxnet", "--lab", name]
+        init = subprocess.run(
+            [*vxnet, "swarm", "init", "--underlay-mtu", "9000"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert init.returncode == 0, init.stderr
+        token = lab.client("h1").get("/swarm/join-token/worker")["token"]
+        join = [*vxnet, "-H", "h2", "swarm", "join", "--token", token,
+                f"{lab.host_address('h1')}:2377"]  # fmt: skip
+        netns.set_link(lab.host_netns("h2"), "eth0", mtu=1500)  # h2's cable is not jumbo
+        refused = subprocess.run(join, capture_output=True, text=True, check=False)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert (
+            f"this node's data path ({lab.host_address('h2')}) carries 1500 bytes, less than "
+            "the swarm's underlay MTU 9000"
+        ) in refused.stderr, refused.stderr
+        assert [n["hostname"] for n in lab.client("h1").get("/nodes")] == ["h1"]  # not registered
+        netns.set_link(lab.host_netns("h2"), "eth0", mtu=9000)
+        joined = subprocess.run(join, capture_output=True, text=True, check=False)
+        assert joined.returncode == 0, joined.stderr
+    finally:
+        lab.down()
+        assert netns.list_with_prefix(builder.prefix(name)) == []

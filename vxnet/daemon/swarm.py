@@ -287,19 +287,18 @@ class Swarm:
         ca = await fetch_ca(host, int(port_text))
         tokens.verify_ca(ca, token)  # TokenRefused: someone else's manager, or a wrong token
         key = pki.new_node_key()
-        reply = await converse(
-            host,
-            int(port_text),
-            pki.client_ssl_context(ca),
-            {
-                "type": "join",
-                "token": token,
-                "csr": pki.make_csr(key),
-                "hostname": self.daemon.config.host,
-                "advertise_addr": advertise,
-                "data_path_addr": data_path,
-            },
-        )
+        message: dict[str, Any] = {
+            "type": "join",
+            "token": token,
+            "csr": pki.make_csr(key),
+            "hostname": self.daemon.config.host,
+            "advertise_addr": advertise,
+            "data_path_addr": data_path,
+        }
+        interface = await trio.to_thread.run_sync(netns.interface_of, data_path)
+        if interface is not None:  # the manager refuses a node that carries less than its swarm
+            message["data_path_mtu"] = interface[1]
+        reply = await converse(host, int(port_text), pki.client_ssl_context(ca), message)
         if reply.get("type") != "joined":
             raise tokens.TokenRefused(f"the manager refused to join: {reply.get('message')}")
         cert = field_untrusted(reply, "cert", bytes)
