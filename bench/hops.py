@@ -45,6 +45,7 @@ from vxnet.wire import (
 
 ETH_P_ALL = 0x0003
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 RCVBUF = 4 * 1024 * 1024
 ECHO_REQUEST, ECHO_REPLY = 8, 0
 HOPS = (
@@ -72,7 +73,8 @@ class Point:
         def make() -> socket.socket:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+                # read only after the run: room for every frame, past rmem_max (root)
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
                 sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                 sock.bind((self.ifname, 0))
             except OSError:

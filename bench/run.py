@@ -15,7 +15,6 @@ was not measured in this run.  Every namespace is removed at the end, on errors 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import secrets
@@ -144,7 +143,7 @@ def bench_vxnet(
     name = "benchv" + secrets.token_hex(3)
     progress(f"vxnet{suffix}: building lab {name} (2 hosts, underlay MTU {underlay_mtu})")
     env = {} if offload else {"VXNET_NO_OFFLOAD": "1"}
-    spec = dataclasses.replace(default_spec(name, 2), underlay_mtu=underlay_mtu)
+    spec = default_spec(name, 2, underlay_mtu=underlay_mtu)
     plain_mtu, secret_mtu = network_mtus(underlay_mtu)
     try:
         with _environment(**env), Lab(spec=spec) as lab:

@@ -168,6 +168,7 @@ def test_a_delete_gossiped_while_a_bulk_sync_is_being_programmed_is_not_overtake
         gossip.db.node_alive("h1")
         gossip.db.join_network("netid", trio.current_time())
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(gossip.watch_events)
             gossip.db.handle_message(MAGIC + msgpack.packb(bulk), trio.current_time())
             nursery.start_soon(gossip._deliver)  # the bulk sync's stream
             await trio.testing.wait_all_tasks_blocked()
@@ -175,6 +176,8 @@ def test_a_delete_gossiped_while_a_bulk_sync_is_being_programmed_is_not_overtake
             nursery.start_soon(gossip._deliver)  # the datagram's
             await trio.testing.wait_all_tasks_blocked()
             daemon.release.set()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()  # watch_events waits for more, forever
 
     trio.run(main)
     fdb = {u.mac for u in daemon.programmed if isinstance(u, AddPeer)}

@@ -113,6 +113,15 @@ def test_bad_lab_files_are_explained(data: dict[str, Any], needle: str) -> None:
         parse_spec(data)
 
 
+def test_networks_default_to_dockers_mtu_unless_the_underlay_is_smaller() -> None:
+    assert {n.mtu for n in default_spec("x", 2, underlay_mtu=9000).networks} == {1450}
+    assert {n.mtu for n in default_spec("x", 2, underlay_mtu=1400).networks} == {1350}
+    row = {"name": "a", "subnet": "10.0.0.0/24"}
+    assert parse_spec({"underlay": {"mtu": 9000}, "network": [row]}).networks[0].mtu == 1450
+    big = parse_spec({"underlay": {"mtu": 9000}, "network": [{**row, "mtu": 8950}]})
+    assert big.networks[0].mtu == 8950
+
+
 def test_a_small_underlay_is_fine_without_a_swarm() -> None:
     spec = parse_spec({"underlay": {"mtu": 1000}, "swarm": {"enabled": False}})
     assert (spec.underlay_mtu, spec.networks[0].mtu) == (1000, 950)

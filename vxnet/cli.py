@@ -18,6 +18,7 @@ import click
 
 from vxnet import __version__, netns
 from vxnet.client import DaemonClient
+from vxnet.dataplane.tables import DEFAULT_UNDERLAY_MTU, MAX_UNDERLAY_MTU, MIN_UNDERLAY_MTU
 from vxnet.errors import UsageError, VxnetError
 from vxnet.lab import Lab, builder
 from vxnet.lab.topology import DEFAULT_LAB, check_lab_name
@@ -433,8 +434,8 @@ def _drops(drops: dict[str, int]) -> str:
 )
 @click.option(
     "--underlay-mtu",
-    type=click.IntRange(1280, 9000),
-    default=1500,
+    type=click.IntRange(MIN_UNDERLAY_MTU, MAX_UNDERLAY_MTU),
+    default=DEFAULT_UNDERLAY_MTU,
     show_default=True,
     help="Both topologies' underlay MTU (9000: jumbo frames); networks take the largest MTU "
     "it carries.",

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from vxnet.cli import FORMAT, Ctx, VxnetGroup, _emit, cli, pass_ctx
-from vxnet.dataplane.tables import MAX_UNDERLAY_MTU, MIN_UNDERLAY_MTU
+from vxnet.dataplane.tables import DEFAULT_UNDERLAY_MTU, MAX_UNDERLAY_MTU, MIN_UNDERLAY_MTU
 from vxnet.errors import NotFound, UsageError, VxnetError
 
 CONVERGE_TIMEOUT = 60.0
@@ -60,7 +60,7 @@ def swarm() -> None:
 @click.option(
     "--underlay-mtu",
     type=click.IntRange(MIN_UNDERLAY_MTU, MAX_UNDERLAY_MTU),
-    default=1500,
+    default=DEFAULT_UNDERLAY_MTU,
     show_default=True,
     help="MTU of every node's underlay: the ceiling of network MTUs (9000: jumbo frames).",
 )

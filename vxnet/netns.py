@@ -87,7 +87,8 @@ def interface_of(address: str, ns: str | None = None) -> tuple[str, int] | None:
     """(name, MTU) of the interface that holds IPv4 ``address`` in ``ns``, or None."""
     with ipr(ns) as ip:
         for a in ip.get_addr(family=socket.AF_INET):
-            if a.get_attr("IFA_ADDRESS") == address:
+            # IFA_LOCAL is this end's address (IFA_ADDRESS is the peer's on point-to-point links)
+            if (a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")) == address:
                 (link,) = ip.get_links(a["index"])
                 return str(link.get_attr("IFLA_IFNAME")), int(link.get_attr("IFLA_MTU"))
     return None

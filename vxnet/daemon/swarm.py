@@ -188,24 +188,26 @@ class Swarm:
     # ------------------------------------------------------------------- init, join
 
     async def init(self, body: dict[str, Any]) -> dict[str, Any]:
-        if self.files.exists:
-            raise Conflict(
-                'This node is already part of a swarm. Use "vxnet swarm leave" to '
-                "leave this swarm and join another one."
-            )
         cfg = self.daemon.config
         advertise = _text(body, "advertise_addr") or cfg.underlay_addr
         data_path = _text(body, "data_path_addr") or advertise
         port = body_field(body, "data_path_port", int, False) or self.daemon.dataplane.data_port
         mask_length = body_field(body, "default_addr_pool_mask_length", int, False) or 24
         icv_length = body_field(body, "esp_icv_length", int, False) or DEFAULT_ICV_LEN
-        underlay_mtu = body_field(body, "underlay_mtu", int, False) or DEFAULT_UNDERLAY_MTU
+        underlay_mtu = body_field(body, "underlay_mtu", int, False)
+        underlay_mtu = DEFAULT_UNDERLAY_MTU if underlay_mtu is None else underlay_mtu
         pools = tuple(body.get("default_addr_pool") or ("10.0.0.0/8",))
         interval = parse_duration(_text(body, "key_rotation_interval") or "12h")
         cert_expiry = parse_duration(_text(body, "cert_expiry") or "2160h")
         if cert_expiry < 10:
             raise UsageError("--cert-expiry must be at least 10s (Docker's minimum is 1h)")
         await _check_underlay_mtu(data_path, underlay_mtu)
+        # no await from here to the store's creation: two concurrent inits cannot both pass
+        if self.files.exists:
+            raise Conflict(
+                'This node is already part of a swarm. Use "vxnet swarm leave" to '
+                "leave this swarm and join another one."
+            )
         self.files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = Store.open(self.files.directory / "manager.db")
         try:

@@ -9,6 +9,7 @@ changes to whoever watches (the daemon, which programs its FDB from ``overlay_pe
 from __future__ import annotations
 
 import logging
+import math
 import random
 import socket
 from collections import Counter
@@ -81,8 +82,8 @@ class GossipService:
         self._udp: trio.socket.SocketType | None = None
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
-        # one delivery of table events at a time: see _deliver
-        self._delivering = trio.Lock()
+        # table events, in networkdb's order, to the one task that hands them to the watcher
+        self._events_in, self._events_out = trio.open_memory_channel[TableEvent](math.inf)
         # failed (dead, not left) members -> (address, since): networkdb's failedNodes
         self.failed: dict[str, tuple[tuple[str, int], float]] = {}
 
@@ -102,6 +103,7 @@ class GossipService:
             nursery.start_soon(trio.serve_listeners, self._tcp_handler, listeners)
             nursery.start_soon(self._timers)
             nursery.start_soon(self._reconnect)
+            nursery.start_soon(self.watch_events)
             if seeds:
                 self.ml.join(list(seeds), trio.current_time())
                 await self._flush()
@@ -233,14 +235,19 @@ class GossipService:
             elif isinstance(event, MemberEvent):
                 self._member_event(event, now)
         # _flush runs in several tasks (UDP, each TCP stream, the timers) and a watcher awaits
-        # (the dataplane), so without the lock a later batch could overtake an earlier one: a
-        # delete reached Peers before its key's create, was ignored, and the create then stood
-        # (a stale FDB entry over a converged networkdb).  Taking the events under the lock
-        # hands them to the watcher in the order networkdb made them.
-        async with self._delivering:
-            for table_event in self.db.take_events():
-                if self.watcher is not None:
-                    await self.watcher(table_event)
+        # (the dataplane).  Each task once awaited the watcher for the events it took, so a
+        # later batch could overtake an earlier one: a delete reached Peers before its key's
+        # create, was ignored, and the create then stood (a stale FDB entry over a converged
+        # networkdb).  Queued here without an await, they reach the watcher in networkdb's
+        # order, from one task, and no reader waits on the dataplane.
+        for table_event in self.db.take_events():
+            self._events_in.send_nowait(table_event)
+
+    async def watch_events(self) -> None:
+        """The one task that hands table events to the watcher, in the order they were made."""
+        async for table_event in self._events_out:
+            if self.watcher is not None:
+                await self.watcher(table_event)
 
     def _member_event(self, event: MemberEvent, now: float) -> None:
         m = event.member

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.rtnl.ndmsg import states as nud_states
 
 from vxnet import netns
-from vxnet.dataplane.tables import DEFAULT_MTU, endpoint_mac
+from vxnet.dataplane.tables import DEFAULT_MTU, DEFAULT_UNDERLAY_MTU, endpoint_mac
 from vxnet.errors import LabError, UsageError
 from vxnet.lab import Lab, builder
 from vxnet.lab.topology import check_lab_name
@@ -56,7 +56,7 @@ __all__ = [
 VXLAN_PORT = 4789  # IANA; what Docker and vxnet use
 SIOCETHTOOL = 0x8946
 ETHTOOL_STXCSUM = 0x17  # legacy ethtool command: set TX checksum offload (ethtool -K dev tx off)
-UNDERLAY_MTU = 1500
+UNDERLAY_MTU = DEFAULT_UNDERLAY_MTU
 _SUFFIX_RE = re.compile(r"^[a-z0-9]{1,10}$")
 _PREFIX_RE = re.compile(r"^vx-([a-z0-9]{1,12})-$")
 

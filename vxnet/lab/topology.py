@@ -14,7 +14,8 @@ name = "h1"
 name = "front"
 subnet = "10.0.1.0/24"
 vni = 4097
-mtu = 1450                           # optional: the network (inner) MTU
+mtu = 1450                           # optional: the network (inner) MTU; default Docker's
+                                     # 1450 (less if the underlay is smaller)
 [swarm]                              # optional: by default h1 runs `swarm init`, others join
 enabled = true                       # false: manual mode, the lab programs every FDB itself
 key_rotation_interval = "12h"        # e.g. "2s" to watch rotations
@@ -41,7 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from vxnet.daemon.containers import check_name
-from vxnet.dataplane.tables import DEFAULT_MTU, MIN_UNDERLAY_MTU, VXLAN_OVERHEAD
+from vxnet.dataplane.tables import (
+    DEFAULT_MTU,
+    DEFAULT_UNDERLAY_MTU,
+    MAX_UNDERLAY_MTU,
+    MIN_UNDERLAY_MTU,
+    VXLAN_OVERHEAD,
+)
 from vxnet.errors import UsageError
 from vxnet.lab.impair import Impairment, parse_percent
 
@@ -82,7 +89,7 @@ class LabSpec:
     networks: tuple[LabNetwork, ...]
     containers: tuple[LabContainer, ...] = ()
     underlay: ipaddress.IPv4Network = DEFAULT_UNDERLAY
-    underlay_mtu: int = 1500
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU
     data_port: int = 4789
     swarm: bool = True  # swarm init on the first host, the others join (False: manual mode)
     key_rotation_interval: str = "12h"
@@ -122,10 +129,30 @@ def default_hosts(n: int, underlay: ipaddress.IPv4Network) -> tuple[HostSpec, ..
     return tuple(HostSpec(f"h{i}", underlay.network_address + 10 + i) for i in range(1, n + 1))
 
 
-def default_spec(name: str = DEFAULT_LAB, hosts: int = 3, swarm: bool = True) -> LabSpec:
+def default_spec(
+    name: str = DEFAULT_LAB,
+    hosts: int = 3,
+    swarm: bool = True,
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
+) -> LabSpec:
     return LabSpec(
-        check_lab_name(name), default_hosts(hosts, DEFAULT_UNDERLAY), DEFAULT_NETWORKS, swarm=swarm
+        check_lab_name(name),
+        default_hosts(hosts, DEFAULT_UNDERLAY),
+        _default_networks(underlay_mtu),
+        swarm=swarm,
+        underlay_mtu=underlay_mtu,
     )
+
+
+def network_default_mtu(underlay_mtu: int) -> int:
+    """Docker's default network MTU, unless the underlay is too small for it.  A bigger
+    underlay is used only by asking (a network's ``mtu``), as in Docker."""
+    return min(DEFAULT_MTU, underlay_mtu - VXLAN_OVERHEAD)
+
+
+def _default_networks(underlay_mtu: int) -> tuple[LabNetwork, ...]:
+    fit = network_default_mtu(underlay_mtu)
+    return tuple(dataclasses.replace(n, mtu=fit) for n in DEFAULT_NETWORKS)
 
 
 def load_spec(path: Path, name: str | None = None, hosts: int | None = None) -> LabSpec:
@@ -173,9 +200,9 @@ def parse_spec(
     if not isinstance(underlay_t, dict):
         raise UsageError(f"{source}: [underlay] must be a table")
     underlay = _net(underlay_t.get("subnet", str(DEFAULT_UNDERLAY)), f"{source} [underlay]")
-    underlay_mtu = _get(underlay_t, "mtu", int, f"{source} [underlay]", 1500)
-    if not 576 <= underlay_mtu <= 9000:
-        raise UsageError(f"{source} [underlay]: mtu must be 576-9000")
+    underlay_mtu = _get(underlay_t, "mtu", int, f"{source} [underlay]", DEFAULT_UNDERLAY_MTU)
+    if not 576 <= underlay_mtu <= MAX_UNDERLAY_MTU:
+        raise UsageError(f"{source} [underlay]: mtu must be 576-{MAX_UNDERLAY_MTU}")
     data_port = _get(underlay_t, "data_port", int, f"{source} [underlay]", 4789)
     data_text = underlay_t.get("data_subnet")
     data_subnet = None if data_text is None else _net(data_text, f"{source} [underlay]")
@@ -312,9 +339,8 @@ def _parse_hosts(
 
 
 def _parse_networks(rows: Any, underlay_mtu: int, source: str) -> tuple[LabNetwork, ...]:
-    if rows is None:  # Docker's default MTU, unless the underlay is too small for it
-        fit = min(DEFAULT_MTU, underlay_mtu - VXLAN_OVERHEAD)
-        return tuple(dataclasses.replace(n, mtu=fit) for n in DEFAULT_NETWORKS)
+    if rows is None:
+        return _default_networks(underlay_mtu)
     if not isinstance(rows, list):
         raise UsageError(f"{source}: [[network]] must be an array of tables")
     out: list[LabNetwork] = []
@@ -324,7 +350,7 @@ def _parse_networks(rows: Any, underlay_mtu: int, source: str) -> tuple[LabNetwo
             raise UsageError(f"{where}: must be a table")
         subnet = _net(_get(row, "subnet", str, where), where)
         vni = _get(row, "vni", int, where, 4096 + i)
-        mtu = _get(row, "mtu", int, where, underlay_mtu - VXLAN_OVERHEAD)
+        mtu = _get(row, "mtu", int, where, network_default_mtu(underlay_mtu))
         if mtu > underlay_mtu - VXLAN_OVERHEAD:
             raise UsageError(
                 f"{where}: mtu {mtu} does not fit the underlay ({underlay_mtu} - 50 = "

@@ -244,10 +244,20 @@ class Cluster:
         advertise_addr: str,
         data_path_addr: str,
         now: float,
+        data_path_mtu: int | None = None,
     ) -> Issued:
-        return self.issue(
-            self.role_for_token(token), csr_pem, hostname, advertise_addr, data_path_addr, now
-        )
+        """Admit a node: its token first, then (if it said) what its data path carries.
+
+        A node whose underlay carries less than the swarm's would drop the networks' big
+        frames on its first hop, so it is refused before it is registered.
+        """
+        role = self.role_for_token(token)
+        if data_path_mtu is not None and data_path_mtu < self.underlay_mtu:
+            raise Conflict(
+                f"this node's data path ({data_path_addr}) carries {data_path_mtu} bytes, less "
+                f"than the swarm's underlay MTU {self.underlay_mtu} (swarm init --underlay-mtu)"
+            )
+        return self.issue(role, csr_pem, hostname, advertise_addr, data_path_addr, now)
 
     def renew(self, node_id: str, csr_pem: bytes, now: float) -> bytes:
         node = self.node(node_id)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from vxnet.errors import BadPacket, UsageError, VxnetError
+from vxnet.errors import BadPacket, VxnetError
 from vxnet.manager import pki
 from vxnet.manager.cluster import Cluster
 from vxnet.manager.proto import FrameDecoder, encode_frame, field_untrusted
@@ -175,8 +175,7 @@ class Manager:
             if kind == "ca":
                 await channel.send({"type": "ca", "ca": self.cluster.ca_pem})
             elif kind == "join":
-                if "data_path_mtu" in msg:  # what the joiner's data-path interface carries
-                    self._check_mtu(field_untrusted(msg, "data_path_mtu", int), msg)
+                mtu = field_untrusted(msg, "data_path_mtu", int) if "data_path_mtu" in msg else None
                 issued = self.cluster.join(
                     field_untrusted(msg, "token", str),
                     field_untrusted(msg, "csr", bytes),
@@ -184,6 +183,7 @@ class Manager:
                     field_untrusted(msg, "advertise_addr", str),
                     field_untrusted(msg, "data_path_addr", str),
                     self.clock(),
+                    data_path_mtu=mtu,
                 )
                 self.counters["joined"] += 1
                 log.info("node %s (%s) joined as %s", issued.node_id, msg["hostname"], issued.role)
@@ -200,16 +200,6 @@ class Manager:
                 return
             else:
                 raise BadPacket("unexpected_message", f"{kind!r} before joining")
-
-    def _check_mtu(self, mtu: int, msg: dict[str, Any]) -> None:
-        """A node whose underlay carries less than the swarm's would drop the networks' big
-        frames on its first hop: refused before it is registered."""
-        if mtu < self.cluster.underlay_mtu:
-            where = field_untrusted(msg, "data_path_addr", str)
-            raise UsageError(
-                f"this node's data path ({where}) carries {mtu} bytes, less than the swarm's "
-                f"underlay MTU {self.cluster.underlay_mtu} (swarm init --underlay-mtu)"
-            )
 
     async def _session(self, channel: Channel, node_id: str) -> None:
         hello = await channel.receive()
