@@ -67,6 +67,24 @@ def test_a_mac_that_moved_is_not_removed_by_its_old_owners_delete() -> None:
     assert isinstance(daemon.programmed[-1], RemovePeer)
 
 
+def test_claim_rows_show_every_live_claim_and_which_one_the_fdb_holds() -> None:
+    peers = Peers(FakeDaemon(), FakeGossip(), "me", "192.168.100.11")  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await peers.on_table_event(event("create", "old/t/eth0", "old", "192.168.100.12"))
+        await peers.on_table_event(event("create", "new/t/eth0", "new", "192.168.100.13", 2))
+
+    trio.run(main)
+    rows = {r["key"]: (r["vtep"], r["ltime"], r["programmed"]) for r in peers.claim_rows()}
+    assert rows == {
+        "old/t/eth0": ("192.168.100.12", 1, False),
+        "new/t/eth0": ("192.168.100.13", 2, True),
+    }
+    assert {(r["network"], r["mac"]) for r in peers.claim_rows()} == {
+        ("front", "02:42:0a:00:01:08")
+    }
+
+
 def fdb_after(events: list[TableEvent]) -> dict[bytes, str]:
     """Replay ``events`` through Peers; return MAC -> VTEP as the FDB would hold it."""
     daemon = FakeDaemon()

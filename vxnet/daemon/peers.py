@@ -18,7 +18,7 @@ from vxnet.daemon.containers import Endpoint
 from vxnet.dataplane.tables import AddPeer, NetworkSpec, RemovePeer, ResetEspPeer
 from vxnet.errors import BadPacket, UsageError
 from vxnet.gossip.networkdb import PEER_TABLE, PeerRecord, TableEvent, decode_peer_record_untrusted
-from vxnet.wire.ethernet import mac_from_str
+from vxnet.wire.ethernet import mac_from_str, mac_to_str
 
 if TYPE_CHECKING:
     from vxnet.daemon.service import Daemon
@@ -159,6 +159,24 @@ class Peers:
             self.programmed[slot] = winner
             await self.daemon.program(AddPeer(vni, slot[1], winner.ip, winner.vtep, "gossip"))
             self.counters["programmed"] += 1
+
+    def claim_rows(self) -> list[dict[str, object]]:
+        """Every live claim, and whether it is the one the FDB holds (``/gossip/claims``)."""
+        names = self.daemon.network_names
+        return [
+            {
+                "network": names.get(slot[0], slot[0]),
+                "mac": mac_to_str(slot[1]),
+                "key": claim.key,
+                "owner": claim.owner,
+                "ltime": claim.ltime,
+                "ip": str(claim.ip),
+                "vtep": str(claim.vtep),
+                "programmed": self.programmed.get(slot) == claim,
+            }
+            for slot, claims in sorted(self.claims.items())
+            for claim in claims.values()
+        ]
 
     def _forget_network(self, network: str) -> None:
         for slot in [s for s in self.claims if s[0] == network]:

@@ -363,6 +363,7 @@ class Swarm:
         r.route("GET", "/swarm/keys")(self.h_keys)
         r.route("GET", "/gossip")(self.h_gossip)
         r.route("GET", "/gossip/tables")(self.h_gossip_tables)
+        r.route("GET", "/gossip/claims")(self.h_gossip_claims)
         r.route("GET", "/nodes")(self.h_nodes)
         r.route("DELETE", "/nodes/{ref}")(self.h_node_rm)
         r.route("GET", "/swarm/networks")(self.h_networks)
@@ -434,6 +435,12 @@ class Swarm:
             raise Conflict("this node does not gossip yet (not in a swarm, or no keys yet)")
         return table_rows(self.gossip.db.entries, self.daemon.network_names,
                           req.query.get("network"))  # fmt: skip
+
+    async def h_gossip_claims(self, req: Request) -> Any:
+        """What each FDB entry programmed from gossip stands on: every live claim to a MAC."""
+        if self.daemon.peers is None:
+            raise Conflict("this node does not gossip yet (not in a swarm, or no keys yet)")
+        return self.daemon.peers.claim_rows()
 
     async def h_nodes(self, req: Request) -> Any:
         return self._require_manager().nodes()

@@ -30,7 +30,7 @@ from typing import Any
 from vxnet import netns
 from vxnet.capture import finish_capture, start_capture
 from vxnet.client import DaemonClient
-from vxnet.errors import Conflict, LabError, NotFound, UsageError
+from vxnet.errors import Conflict, LabError, NotFound, UsageError, VxnetError
 from vxnet.lab import builder, fault
 from vxnet.lab.impair import Impairment
 from vxnet.lab.topology import LabSpec, default_spec, load_spec
@@ -253,9 +253,39 @@ class Lab:
             if time.monotonic() > deadline:
                 raise LabError(
                     f"gossip did not converge in {timeout:.0f}s: {missing}"
+                    + self._stale_evidence(missing)
                     + self._log_tails(sorted(missing))
                 )
             time.sleep(0.1)
+
+    def _stale_evidence(self, missing: dict[str, Any]) -> str:
+        """For each stale FDB row: what the host's networkdb and its claims say of that MAC."""
+        out = []
+        for host, diff in sorted(missing.items()):
+            macs = {row[1] for row in diff["stale"]}
+            if not macs:
+                continue
+            try:
+                tables = self.client(host).get("/gossip/tables")
+                claims = self.client(host).get("/gossip/claims")
+            except VxnetError as exc:
+                out.append(f"--- {host}: no evidence ({exc})")
+                continue
+            for mac in sorted(macs):
+                out.append(f"--- {host}, stale MAC {mac}:")
+                out += [
+                    f"  networkdb {r['key']} owner {r['owner']} l={r['ltime']} "
+                    f"deleting={r['deleting']} hidden={r['hidden']}"
+                    for r in tables
+                    if r.get("endpoint_mac") == mac
+                ]
+                out += [
+                    f"  claim {c['key']} l={c['ltime']} vtep {c['vtep']} "
+                    f"programmed={c['programmed']}"
+                    for c in claims
+                    if c["mac"] == mac
+                ]
+        return "\n" + "\n".join(out) if out else ""
 
     def _program_lab_peers(self) -> None:
         endpoints = [
