@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import unique_lab_name
+from vxnet import netns
 from vxnet.lab import Lab, builder
 
 pytestmark = pytest.mark.root
@@ -73,6 +76,16 @@ def test_a_container_on_h3_is_reachable_with_no_static_filling(glab: Lab) -> Non
     names = {r["name"] for r in table if r["table"] == "endpoint_table"}
     assert names == {"c1", "c2", "web"}
     assert "overlay_peer_table" in cli(glab, "-H", "h1", "gossip", "tables")
+
+
+def test_the_gossip_socket_asks_for_memberlists_2_mb_receive_buffer(glab: Lab) -> None:
+    out = subprocess.run(
+        netns.exec_argv(glab.host_netns("h1"), ["ss", "-uamn", "sport = :7946"]),
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rb = int(re.search(r"rb(\d+)", out).group(1))  # type: ignore[union-attr]
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    assert rb == 2 * min(2 * 1024 * 1024, rmem_max), out  # the kernel doubles what it grants
 
 
 def test_kill_9_removes_peers_within_the_bound_and_restart_restores_them(glab: Lab) -> None:

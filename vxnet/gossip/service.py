@@ -45,6 +45,7 @@ ENCRYPTION_OVERHEAD = 29
 STREAM_LIMIT = 8 << 20
 
 TableWatcher = Callable[[TableEvent], Awaitable[None]]
+UDP_RECV_BUF = 2 * 1024 * 1024
 
 
 RECONNECT_INTERVAL = 1.0  # networkdb retries one failed node this often (Docker: 1 s)
@@ -94,6 +95,9 @@ class GossipService:
     ) -> None:
         udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # memberlist asks for 2 MB (net_transport.go, udpRecvBufSize): a busy node's gossip
+        # datagrams wait in the kernel instead of being dropped (the kernel caps it at rmem_max)
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECV_BUF)
         await udp.bind((self.addr, self.port))
         listeners = await trio.open_tcp_listeners(self.port, host=self.addr)
         self._udp = udp

@@ -38,6 +38,12 @@ from vxnet.lab.topology import LabSpec, default_spec, load_spec
 __all__ = ["Lab", "LabSpec"]
 
 
+#: How long a swarm lab waits for the FDBs to agree with the endpoints.  Longer than networkdb's
+#: periodic bulk sync (30 s): a table event that gossip lost (a busy machine, a full socket
+#: buffer) is repaired by the next one, as in Docker, and the lab should not call that a failure.
+SYNC_TIMEOUT = 40.0
+
+
 class Lab:
     """A running lab (``Lab(...)`` builds one; ``Lab.attach(name)`` reattaches to one)."""
 
@@ -205,7 +211,7 @@ class Lab:
             self.client(c["host"]).delete(f"/containers/{name}?force={int(force)}")
             self.sync_peers()
 
-    def sync_peers(self, timeout: float = 20.0) -> None:
+    def sync_peers(self, timeout: float = SYNC_TIMEOUT) -> None:
         """Peers everywhere: in a swarm, wait for gossip to program them; else program them.
 
         In a swarm every node learns the others' endpoints from networkdb's overlay_peer_table,
