@@ -22,6 +22,22 @@ with warnings.catch_warnings(), contextlib.suppress(ImportError):
     import hypothesis.extra._patching  # noqa: F401
 
 
+def _scapy_never_resolves() -> None:
+    """Scapy fills an ``Ether()`` without ``dst`` by resolving the IP destination: it sends an
+    ARP request out of the machine's default interface (in promiscuous mode).  Tests never
+    touch the machine's own interfaces, so resolution is off: such frames get the broadcast
+    address, with no packet sent."""
+    try:
+        import scapy.layers.l2  # noqa: F401  (creates conf.neighbor)
+        from scapy.config import conf
+    except ImportError:  # scapy is the optional `trace` extra
+        return
+    conf.neighbor.resolve = lambda l2, l3: None
+
+
+_scapy_never_resolves()
+
+
 def _can_build_labs() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, /dev/net/tun)"
