@@ -40,11 +40,10 @@ from bench.measure import (
 )
 from vxnet import netns
 from vxnet.dataplane.tables import DEFAULT_UNDERLAY_MTU, VXLAN_OVERHEAD
-from vxnet.esp.sadb import encrypted_mtu
 from vxnet.lab import Lab
 from vxnet.lab.kernel import VXLAN_PORT, kernel_pair
 from vxnet.lab.topology import default_spec
-from vxnet.manager.networks import MTU_OPTION
+from vxnet.manager.networks import MTU_OPTION, mtu_ceilings
 
 __all__ = ["Side", "run_bench"]
 
@@ -123,11 +122,6 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def network_mtus(underlay_mtu: int) -> tuple[int, int]:
-    """The largest plain and encrypted network MTUs ``underlay_mtu`` carries unfragmented."""
-    return underlay_mtu - VXLAN_OVERHEAD, encrypted_mtu(underlay_mtu)
-
-
 def bench_vxnet(
     duration: int,
     repeats: int,
@@ -144,7 +138,7 @@ def bench_vxnet(
     progress(f"vxnet{suffix}: building lab {name} (2 hosts, underlay MTU {underlay_mtu})")
     env = {} if offload else {"VXNET_NO_OFFLOAD": "1"}
     spec = default_spec(name, 2, underlay_mtu=underlay_mtu)
-    plain_mtu, secret_mtu = network_mtus(underlay_mtu)
+    plain_mtu, secret_mtu = mtu_ceilings(underlay_mtu)
     try:
         with _environment(**env), Lab(spec=spec) as lab:
             info = lab.client("h1").get("/info")
@@ -252,7 +246,7 @@ def render(
     underlay_mtu: int = DEFAULT_UNDERLAY_MTU,
 ) -> str:
     sums = [s.summary() for s in sides]
-    plain_mtu, secret_mtu = network_mtus(underlay_mtu)
+    plain_mtu, secret_mtu = mtu_ceilings(underlay_mtu)
     cpu = f" ({mach['cpu']})" if mach["cpu"] else ""
     names = [s.name.replace("vxnet ", "") if s.name != "vxnet" else "vxnet" for s in sides]
     lines = [

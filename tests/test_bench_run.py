@@ -7,7 +7,8 @@ from ipaddress import IPv4Address
 import pytest
 
 from bench.measure import Side
-from bench.run import network_mtus, render
+from bench.run import render
+from vxnet.manager.networks import mtu_ceilings
 
 MACHINE = {"nproc": 2, "cpu": "", "kernel": "6.18", "python": "CPython 3.11"}
 
@@ -18,7 +19,7 @@ MACHINE = {"nproc": 2, "cpu": "", "kernel": "6.18", "python": "CPython 3.11"}
 def test_network_mtus_are_the_largest_the_underlay_carries(
     underlay: int, plain: int, secret: int
 ) -> None:
-    assert network_mtus(underlay) == (plain, secret)
+    assert mtu_ceilings(underlay) == (plain, secret)
 
 
 def test_the_report_states_the_underlay_and_network_mtus_and_no_unmeasured_figure() -> None:

@@ -22,6 +22,12 @@ MAX_UNDERLAY_MTU = 9000  # jumbo frames
 DEFAULT_MTU = DEFAULT_UNDERLAY_MTU - VXLAN_OVERHEAD  # 1450, Docker's overlay default
 
 
+def default_network_mtu(underlay_mtu: int) -> int:
+    """Docker's default network MTU, unless the underlay is too small for it.  A bigger
+    underlay is used only by asking (``com.docker.network.driver.mtu``), as in Docker."""
+    return min(DEFAULT_MTU, underlay_mtu - VXLAN_OVERHEAD)
+
+
 def endpoint_mac(ip: ipaddress.IPv4Address) -> bytes:
     """Docker's endpoint MAC: ``02:42`` followed by the four IPv4 octets."""
     return b"\x02\x42" + ip.packed

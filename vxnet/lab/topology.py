@@ -48,6 +48,7 @@ from vxnet.dataplane.tables import (
     MAX_UNDERLAY_MTU,
     MIN_UNDERLAY_MTU,
     VXLAN_OVERHEAD,
+    default_network_mtu,
 )
 from vxnet.errors import UsageError
 from vxnet.lab.impair import Impairment, parse_percent
@@ -144,14 +145,8 @@ def default_spec(
     )
 
 
-def network_default_mtu(underlay_mtu: int) -> int:
-    """Docker's default network MTU, unless the underlay is too small for it.  A bigger
-    underlay is used only by asking (a network's ``mtu``), as in Docker."""
-    return min(DEFAULT_MTU, underlay_mtu - VXLAN_OVERHEAD)
-
-
 def _default_networks(underlay_mtu: int) -> tuple[LabNetwork, ...]:
-    fit = network_default_mtu(underlay_mtu)
+    fit = default_network_mtu(underlay_mtu)
     return tuple(dataclasses.replace(n, mtu=fit) for n in DEFAULT_NETWORKS)
 
 
@@ -350,7 +345,7 @@ def _parse_networks(rows: Any, underlay_mtu: int, source: str) -> tuple[LabNetwo
             raise UsageError(f"{where}: must be a table")
         subnet = _net(_get(row, "subnet", str, where), where)
         vni = _get(row, "vni", int, where, 4096 + i)
-        mtu = _get(row, "mtu", int, where, network_default_mtu(underlay_mtu))
+        mtu = _get(row, "mtu", int, where, default_network_mtu(underlay_mtu))
         if mtu > underlay_mtu - VXLAN_OVERHEAD:
             raise UsageError(
                 f"{where}: mtu {mtu} does not fit the underlay ({underlay_mtu} - 50 = "

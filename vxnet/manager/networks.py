@@ -12,7 +12,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from vxnet.daemon.containers import check_name
-from vxnet.dataplane.tables import DEFAULT_MTU, DEFAULT_UNDERLAY_MTU, VXLAN_OVERHEAD
+from vxnet.dataplane.tables import DEFAULT_UNDERLAY_MTU, VXLAN_OVERHEAD, default_network_mtu
 from vxnet.errors import Conflict, NotFound, UsageError
 from vxnet.esp.sa import DEFAULT_ICV_LEN
 from vxnet.esp.sadb import encrypted_mtu
@@ -33,6 +33,11 @@ KNOWN_OPTIONS = {MTU_OPTION, ENCRYPTED_OPTION, VXLANID_LIST_OPTION}
 INGRESS = "ingress"
 
 
+def mtu_ceilings(underlay_mtu: int, icv_len: int = DEFAULT_ICV_LEN) -> tuple[int, int]:
+    """The largest plain and encrypted network MTUs ``underlay_mtu`` carries unfragmented."""
+    return underlay_mtu - VXLAN_OVERHEAD, encrypted_mtu(underlay_mtu, icv_len)
+
+
 def network_mtu(
     options: dict[str, str],
     icv_len: int = DEFAULT_ICV_LEN,
@@ -49,12 +54,12 @@ def network_mtu(
     a jumbo fabric is used only by asking for it; smaller only if the underlay is smaller.
     """
     encrypted = ENCRYPTED_OPTION in options
-    encrypted_ceiling = encrypted_mtu(underlay_mtu, icv_len)
-    plain_ceiling = underlay_mtu - VXLAN_OVERHEAD
+    plain_ceiling, encrypted_ceiling = mtu_ceilings(underlay_mtu, icv_len)
     ceiling = encrypted_ceiling if encrypted else plain_ceiling
-    docker_default = encrypted_mtu(DEFAULT_UNDERLAY_MTU, icv_len) if encrypted else DEFAULT_MTU
     if MTU_OPTION not in options:
-        return min(docker_default, ceiling)
+        if not encrypted:
+            return default_network_mtu(underlay_mtu)
+        return min(encrypted_mtu(DEFAULT_UNDERLAY_MTU, icv_len), ceiling)
     try:
         mtu = int(options[MTU_OPTION])
     except ValueError:
